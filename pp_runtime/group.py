@@ -1,0 +1,352 @@
+"""The persistent worker group, host side (the ComfyUI process or a test).
+
+One worker process per device, started as ``python -m pp_runtime.worker`` with an
+explicit environment.  Control runs over a loopback listener authenticated with a random
+key per group (given to each worker on its stdin, never on the command line);
+torch.distributed meets through a file in a private folder, so nothing listens on a
+public address (gloo and NCCL are pinned to the loopback interface).  The group
+stays up between jobs and keeps the placed model.  While a job runs the host watches
+every worker: a dead process or a reported error fails the job within a fraction of a
+second with the rank and cause, and the group is torn down (the next job starts a fresh
+one).  Interrupts go to every rank; the last ranks stop at the next step boundary and the
+group stays usable.
+"""
+from __future__ import annotations
+
+import itertools
+import os
+import queue
+import secrets
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from multiprocessing.connection import Listener
+from pathlib import Path
+
+from . import wire
+
+PACKAGE_PARENT = str(Path(__file__).resolve().parent.parent)
+
+
+class WorkerError(RuntimeError):
+    def __init__(self, rank: int, device: str, cause: str):
+        super().__init__(f"pipeline worker rank {rank} ({device}) failed: {cause}")
+        self.rank, self.device, self.cause = rank, device, cause
+
+
+class Interrupted(RuntimeError):
+    pass
+
+
+def parse_devices(devices) -> list[str]:
+    """'cuda:0,cuda:1' / 'cpu,cpu' / 'auto' / a list -> device strings, checked."""
+    if isinstance(devices, str):
+        text = devices.strip().lower()
+        if text in ("", "auto"):
+            import torch
+            n = torch.cuda.device_count()
+            if n < 2:
+                raise ValueError(f"devices 'auto' found {n} CUDA device(s); pipeline parallelism needs at "
+                                 f"least 2: list devices explicitly, e.g. 'cpu,cpu' to try it on the CPU")
+            return [f"cuda:{i}" for i in range(n)]
+        devices = [d.strip() for d in text.split(",") if d.strip()]
+    out = []
+    for d in devices:
+        if d == "cuda":
+            d = "cuda:0"
+        if d != "cpu" and not (d.startswith("cuda:") and d[5:].isdigit()):
+            raise ValueError(f"device '{d}' is not understood; use 'cpu' or 'cuda:N'")
+        if d.startswith("cuda:"):
+            import torch
+            if int(d[5:]) >= torch.cuda.device_count():
+                raise ValueError(f"device '{d}' does not exist: this machine has {torch.cuda.device_count()} "
+                                 f"CUDA device(s)")
+        out.append(d)
+    cuda = [d for d in out if d != "cpu"]
+    if cuda and len(cuda) != len(out):
+        raise ValueError(f"devices {out} mix cpu and cuda; use one kind")
+    if len(set(cuda)) != len(cuda):
+        raise ValueError(f"devices {out} name a GPU twice; each rank needs its own GPU")
+    if not out:
+        raise ValueError("no devices given")
+    return out
+
+
+def worker_env(device: str, world: int, extra_paths=(), cpu_threads: int | None = None) -> dict:
+    env = {k: v for k, v in os.environ.items()
+           if not k.startswith(("PYTORCH_CUDA_ALLOC_CONF", "PYTORCH_ALLOC_CONF", "CUDA_VISIBLE_DEVICES"))}
+    paths = [PACKAGE_PARENT, *extra_paths] + ([env["PYTHONPATH"]] if env.get("PYTHONPATH") else [])
+    env.update({
+        "PYTHONPATH": os.pathsep.join(paths),
+        "PYTHONUNBUFFERED": "1",
+        # Not ComfyUI's cudaMallocAsync: the caching allocator, growing segments in place.
+        "PYTORCH_CUDA_ALLOC_CONF": "expandable_segments:True",
+        # Rendezvous, gloo and NCCL bootstrap on loopback only.
+        "GLOO_SOCKET_IFNAME": env.get("GLOO_SOCKET_IFNAME", "lo"),
+        "NCCL_SOCKET_IFNAME": env.get("NCCL_SOCKET_IFNAME", "lo"),
+        "NCCL_NVLS_ENABLE": "0",
+        "TORCH_NCCL_ASYNC_ERROR_HANDLING": "1",
+    })
+    if device == "cpu":
+        env["CUDA_VISIBLE_DEVICES"] = ""
+        env["OMP_NUM_THREADS"] = str(cpu_threads or max(1, (os.cpu_count() or 1) // world))
+    else:
+        env["CUDA_VISIBLE_DEVICES"] = device.split(":")[1]
+    return env
+
+
+class WorkerGroup:
+    def __init__(self, devices, startup_timeout: float = 180.0, extra_paths=(), cpu_threads: int | None = None):
+        self.devices = parse_devices(devices)
+        self.world = len(self.devices)
+        self.startup_timeout = startup_timeout
+        self.extra_paths = list(extra_paths)
+        self.cpu_threads = cpu_threads
+        self.state = "not started"
+        self.failure: str | None = None
+        self.procs: list[subprocess.Popen] = []
+        self.conns: list = []
+        self.info: list[dict] = []
+        self.logs: list[Path] = []
+        self._inbox: queue.Queue = queue.Queue()
+        self._ids = itertools.count(1)
+        self._lock = threading.Lock()
+
+    # -- lifecycle -----------------------------------------------------------------
+    def start(self) -> "WorkerGroup":
+        if self.state in ("idle", "running"):
+            return self
+        self.state, self.failure = "starting", None
+        self._inbox = queue.Queue()  # a new group never sees a message of the old one
+        key = secrets.token_bytes(32)
+        listener = Listener(("127.0.0.1", 0), authkey=key)
+        port = listener.address[1]
+        self.logdir = logdir = Path(tempfile.mkdtemp(prefix="pp-workers-"))  # 0700: logs, rendezvous file
+        store = logdir / "rendezvous"
+        self.procs, self.conns, self.logs, self.info = [], [None] * self.world, [], [None] * self.world
+        try:
+            for rank, dev in enumerate(self.devices):
+                log = logdir / f"rank{rank}.log"
+                self.logs.append(log)
+                device_arg = "cpu" if dev == "cpu" else "cuda:0"  # each worker sees one GPU
+                proc = subprocess.Popen(
+                    [sys.executable, "-m", "pp_runtime.worker", "--rank", str(rank), "--world", str(self.world),
+                     "--control-port", str(port), "--store", str(store), "--device", device_arg],
+                    stdin=subprocess.PIPE, stdout=open(log, "wb"), stderr=subprocess.STDOUT,
+                    env=worker_env(dev, self.world, self.extra_paths, self.cpu_threads), cwd=PACKAGE_PARENT)
+                proc.stdin.write(key.hex().encode() + b"\n")
+                proc.stdin.close()
+                self.procs.append(proc)
+            self._accept(listener)
+        except BaseException:
+            self._kill()
+            self.state = "failed"
+            raise
+        finally:
+            listener.close()
+        self.state = "idle"
+        return self
+
+    def _accept(self, listener):
+        accepted: queue.Queue = queue.Queue()
+
+        def accept_all():
+            for _ in range(self.world):
+                try:
+                    accepted.put(listener.accept())
+                except Exception as e:  # wrong key or listener closed
+                    accepted.put(e)
+        threading.Thread(target=accept_all, daemon=True).start()
+        deadline = time.monotonic() + self.startup_timeout
+        pending = set(range(self.world))
+        while pending:
+            self._check_alive(starting=True)
+            if time.monotonic() > deadline:
+                raise WorkerError(min(pending), self.devices[min(pending)],
+                                  f"did not start within {self.startup_timeout:.0f} s")
+            try:
+                conn = accepted.get(timeout=0.1)
+            except queue.Empty:
+                continue
+            if isinstance(conn, Exception):
+                raise conn
+            while not conn.poll(0.1):  # 'ready' comes after torch.distributed is up
+                self._check_alive(starting=True)
+                if time.monotonic() > deadline:
+                    raise WorkerError(min(pending), self.devices[min(pending)], "did not join the group in time")
+            msg, _ = wire.recv(conn)
+            rank = msg["rank"]
+            self.conns[rank], self.info[rank] = conn, msg
+            pending.discard(rank)
+            threading.Thread(target=self._read, args=(rank, conn, self._inbox), daemon=True).start()
+
+    @staticmethod
+    def _read(rank, conn, inbox):
+        while True:
+            try:
+                msg, tensors = wire.recv(conn)
+            except (EOFError, OSError):
+                inbox.put(({"op": "eof", "rank": rank}, {}))
+                return
+            inbox.put((msg, tensors))
+
+    def _cause(self, rank: int) -> str:
+        code = self.procs[rank].poll()
+        if code is None:
+            how = "closed its control connection"
+        elif code < 0:
+            how = f"was killed by signal {signal.Signals(-code).name}"
+        else:
+            how = f"exited with code {code}"
+        try:
+            tail = self.logs[rank].read_text(errors="replace").strip().splitlines()[-6:]
+        except OSError:
+            tail = []
+        return how + (": " + " | ".join(tail) if tail else "")
+
+    def _first_dead(self, grace: float = 0.0):
+        deadline = time.monotonic() + grace
+        while True:
+            for rank, p in enumerate(self.procs):
+                if p.poll() is not None and p.returncode != 1:  # 1: exited after reporting an error
+                    return rank
+            if time.monotonic() >= deadline:
+                return None
+            time.sleep(0.05)
+
+    def _check_alive(self, starting=False):
+        for rank, p in enumerate(self.procs):
+            if p.poll() is not None:
+                cause = self._cause(rank)
+                self._fail(rank, cause)
+                raise WorkerError(rank, self.devices[rank], cause)
+
+    def _fail(self, rank, cause):
+        self.failure = f"rank {rank} ({self.devices[rank]}): {cause}"
+        self._kill()
+        self.state = "failed"
+
+    def _kill(self):
+        for p in self.procs:
+            if p.poll() is None:
+                p.kill()
+        for p in self.procs:
+            try:
+                p.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                pass
+        for c in self.conns:
+            if c is not None:
+                try:
+                    c.close()
+                except OSError:
+                    pass
+
+    def shutdown(self, timeout: float = 10.0) -> None:
+        if self.state in ("idle", "running"):
+            for c in self.conns:
+                try:
+                    wire.send(c, {"op": "shutdown"})
+                except OSError:
+                    pass
+            deadline = time.monotonic() + timeout
+            for p in self.procs:
+                try:
+                    p.wait(timeout=max(0.1, deadline - time.monotonic()))
+                except subprocess.TimeoutExpired:
+                    pass
+        self._kill()
+        self.state = "stopped"
+        if getattr(self, "logdir", None) is not None:
+            shutil.rmtree(self.logdir, ignore_errors=True)
+
+    @property
+    def alive(self) -> bool:
+        return self.state in ("idle", "running") and all(p.poll() is None for p in self.procs)
+
+    @property
+    def pids(self) -> list[int]:
+        return [p.pid for p in self.procs]
+
+    # -- jobs ------------------------------------------------------------------------
+    def _broadcast(self, msg, tensors=None, ranks=None):
+        for r in (range(self.world) if ranks is None else ranks):
+            wire.send(self.conns[r], msg, tensors)
+
+    def interrupt(self, job_id: str) -> None:
+        self._broadcast({"op": "interrupt", "job": job_id})
+
+    def release(self) -> None:
+        """Drop the placed model on every worker (frees device memory)."""
+        self._call({"op": "release"}, "released")
+
+    def _call(self, msg, reply_op):
+        with self._lock:
+            job_id = f"job{next(self._ids)}"
+            self._broadcast({**msg, "job": job_id})
+            got = 0
+            while got < self.world:
+                m, _ = self._next(job_id)
+                if m["op"] == reply_op:
+                    got += 1
+
+    def _next(self, job_id, timeout=0.1):
+        """Next message of this job; raises WorkerError on a dead or failing worker."""
+        while True:
+            try:
+                msg, tensors = self._inbox.get(timeout=timeout)
+            except queue.Empty:
+                self._check_alive()
+                return None, None
+            if msg["op"] == "eof":
+                rank = msg["rank"]
+                time.sleep(0.2)  # let the exit status settle
+                cause = self._cause(rank)
+                self._fail(rank, cause)
+                raise WorkerError(rank, self.devices[rank], cause)
+            if msg["op"] == "error":
+                rank, cause = msg["rank"], msg["error"] + "\n" + msg.get("traceback", "")
+                dead = self._first_dead(grace=1.0)  # a peer's death surfaces as a comm error here
+                if dead is not None and dead != rank:
+                    rank, cause = dead, self._cause(dead) + f" (rank {msg['rank']} then saw: {msg['error']})"
+                self._fail(rank, cause.splitlines()[0])
+                raise WorkerError(rank, self.devices[rank], cause)
+            if msg.get("job") == job_id:
+                return msg, tensors
+
+    def run(self, job: dict, tensors: dict | None = None, on_step=None, should_interrupt=None) -> dict:
+        """Run one job on every rank; stream steps to ``on_step(step, total, latents)``.
+
+        Returns {"latents", "interrupted", "ranks": per-rank done messages, "spans"}.
+        Raises ``WorkerError`` (group torn down) if a worker dies or fails.
+        """
+        if self.state not in ("idle",):
+            self.start()
+        with self._lock:
+            self.state = "running"
+            job_id = f"job{next(self._ids)}"
+            ranks, spans, result, interrupt_sent = {}, [], None, False
+            self._broadcast({"op": "run", "job": job_id, "job_spec": job}, tensors)
+            while len(ranks) < self.world:
+                if should_interrupt is not None and not interrupt_sent and should_interrupt():
+                    self.interrupt(job_id)
+                    interrupt_sent = True
+                msg, t = self._next(job_id)
+                if msg is None:
+                    continue
+                if msg["op"] == "step" and on_step is not None:
+                    on_step(msg["step"], msg["total"], t.get("latents"))
+                elif msg["op"] == "timings":
+                    spans.extend(msg["spans"])
+                elif msg["op"] == "done":
+                    ranks[msg["rank"]] = msg
+                    spans.extend(msg.pop("spans"))
+                    if "latents" in t:
+                        result = t["latents"]
+            self.state = "idle"
+        return {"latents": result, "interrupted": any(r["interrupted"] for r in ranks.values()),
+                "ranks": [ranks[r] for r in range(self.world)], "spans": spans}

@@ -1,0 +1,106 @@
+"""Jobs: validated on the host before any worker starts, executed the same on every rank.
+
+A model is named by a *model spec*: ``{"factory": "module:function", "kwargs": {...},
+"dtype": "float32"}``; the factory builds a ``StagedModel`` (deterministically, so every
+rank gets the same weights).  The host builds it on the meta device to learn its blocks
+and cost without allocating anything, resolves the split and the layout, and rejects
+impossible combinations with a message that names what to change.
+"""
+from __future__ import annotations
+
+import importlib
+import json
+
+import torch
+
+from .sampling import SCHEDULERS
+from .split import Split, split_blocks
+from .topology import Topology
+
+CFG_MODES = ("auto", "sequential", "cfg_parallel", "batched", "off")
+
+
+class JobError(ValueError):
+    """Bad input, found before any GPU work."""
+
+
+def import_factory(path: str):
+    module, _, name = path.partition(":")
+    if not module or not name:
+        raise JobError(f"model factory '{path}' must look like 'package.module:function'")
+    try:
+        return getattr(importlib.import_module(module), name)
+    except (ImportError, AttributeError) as e:
+        raise JobError(f"cannot import model factory '{path}': {e}") from e
+
+
+def model_profile(spec: dict) -> dict:
+    """Blocks, per-block cost and bytes of a model spec, from a meta-device build."""
+    with torch.device("meta"):
+        model = import_factory(spec["factory"])(**spec.get("kwargs", {}))
+    scale = torch.tensor([], dtype=getattr(torch, spec.get("dtype", "float32"))).element_size() / 4
+    return {"num_blocks": model.num_blocks, "costs": model.block_costs(),
+            "block_bytes": [int(b * scale) for b in model.block_bytes()],
+            "first_bytes": int(getattr(model, "embed_bytes", lambda: 0)() * scale),
+            "last_bytes": int(getattr(model, "head_bytes", lambda: 0)() * scale)}
+
+
+def choose_layout(world: int, cfg_mode: str, do_cfg: bool) -> dict:
+    """pp x cfg for a group of ``world`` processes.
+
+    ``auto`` takes CFG-parallel only with 4+ devices (PP2 x CFG2 and up), so that on two
+    devices the model is still split in two; ``cfg_parallel`` asks for it outright.
+    """
+    if cfg_mode not in CFG_MODES:
+        raise JobError(f"cfg mode '{cfg_mode}' is unknown; use one of {', '.join(CFG_MODES)}")
+    want_parallel = do_cfg and (cfg_mode == "cfg_parallel" or (cfg_mode == "auto" and world >= 4 and world % 2 == 0))
+    if cfg_mode == "cfg_parallel" and world % 2:
+        raise JobError(f"cfg_parallel needs an even number of devices, the group has {world}; "
+                       f"add or remove a device, or use cfg mode 'sequential'")
+    try:
+        topo = Topology.build(world, cfg=2 if want_parallel else 1)
+    except ValueError as e:
+        raise JobError(str(e)) from e
+    return dict(topo.degrees)
+
+
+def prepare_denoise_job(world: int, model: dict, *, latent_shape, steps: int, seed: int,
+                        scheduler: str = "flow_euler", guidance_scale: float = 1.0, cfg_mode: str = "sequential",
+                        cfg_normalize: bool = False, output_slice: int | None = None,
+                        split: str = "balanced", manual: str | None = None,
+                        device_weights: list[float] | None = None, micro_batch_size: int = 1) -> dict:
+    if scheduler not in SCHEDULERS:
+        raise JobError(f"scheduler '{scheduler}' is unknown; use one of {', '.join(SCHEDULERS)}")
+    if int(steps) < 1:
+        raise JobError(f"steps must be at least 1, got {steps}")
+    do_cfg = cfg_mode != "off" and guidance_scale != 1.0
+    layout = choose_layout(world, cfg_mode, do_cfg)
+    prof = model_profile(model)
+    try:
+        sp = split_blocks(split, prof["num_blocks"], layout["pp"], costs=prof["costs"],
+                          block_bytes=prof["block_bytes"], first_bytes=prof["first_bytes"],
+                          last_bytes=prof["last_bytes"], device_weights=device_weights, manual=manual)
+    except ValueError as e:
+        raise JobError(str(e)) from e
+    return {"kind": "denoise", "model": model, "split": list(sp.counts), "layout": layout,
+            "sampling": {"latent_shape": [int(s) for s in latent_shape], "steps": int(steps), "seed": int(seed),
+                         "scheduler": scheduler, "guidance_scale": float(guidance_scale),
+                         "cfg": cfg_mode != "off", "cfg_normalize": bool(cfg_normalize),
+                         "output_slice": output_slice},
+            "micro_batch_size": int(micro_batch_size), "batched_cfg": cfg_mode == "batched"}
+
+
+def placement_key(job: dict) -> str:
+    return json.dumps([job["model"], job["split"], job["layout"]], sort_keys=True)
+
+
+def build_stage(model_spec: dict, counts: list[int], stage: int, device: torch.device):
+    """Build the model and keep only ``stage``'s part, on ``device``."""
+    sp = Split(tuple(counts))
+    start, end = sp.ranges[stage]
+    model = import_factory(model_spec["factory"])(**model_spec.get("kwargs", {}))
+    if hasattr(model, "prune"):
+        model.prune(start, end, stage == 0, stage == len(counts) - 1)
+    model = model.to(device=device, dtype=getattr(torch, model_spec.get("dtype", "float32")))
+    model.eval().requires_grad_(False)
+    return model, (start, end)

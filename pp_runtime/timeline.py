@@ -1,0 +1,58 @@
+"""Per-rank timeline: spans of compute and wait per micro-batch, so bubbles are measured.
+
+On CPU a span is two ``perf_counter`` readings.  On CUDA it is two events on the
+current stream, read back only once they have completed, so recording never
+synchronises the device inside a step.
+"""
+from __future__ import annotations
+
+import time
+from contextlib import contextmanager
+
+import torch
+
+
+class Timeline:
+    def __init__(self, device: torch.device, rank: int):
+        self.cuda = torch.device(device).type == "cuda"
+        self.rank = rank
+        self.step = 0
+        self._open: list = []  # CUDA spans whose events may not have completed yet
+        self.spans: list[dict] = []
+        self._t0 = time.perf_counter()
+        self._e0 = None
+        if self.cuda:
+            self._e0 = torch.cuda.Event(enable_timing=True)
+            self._e0.record()
+
+    @contextmanager
+    def span(self, kind: str, label: str):
+        if self.cuda:
+            a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            a.record()
+            yield
+            b.record()
+            self._open.append((kind, label, self.step, a, b))
+        else:
+            a = time.perf_counter()
+            yield
+            b = time.perf_counter()
+            self.spans.append(self._row(kind, label, self.step, (a - self._t0) * 1e3, (b - self._t0) * 1e3))
+
+    def _row(self, kind, label, step, t0, t1):
+        return {"rank": self.rank, "step": step, "kind": kind, "label": label,
+                "t0_ms": round(t0, 4), "t1_ms": round(t1, 4)}
+
+    def take(self, wait: bool = False) -> list[dict]:
+        """Completed spans since the last call (``wait``: all of them, syncing CUDA)."""
+        still_open = []
+        for kind, label, step, a, b in self._open:
+            if wait:
+                b.synchronize()
+            if b.query():
+                self.spans.append(self._row(kind, label, step, self._e0.elapsed_time(a), self._e0.elapsed_time(b)))
+            else:
+                still_open.append((kind, label, step, a, b))
+        self._open = still_open
+        out, self.spans = self.spans, []
+        return out

@@ -1,0 +1,67 @@
+"""Find and import a ComfyUI source tree for tests (tiers 2 and 3).
+
+ComfyUI is looked up in ``$COMFYUI_ROOT``, else in the folder two levels above this
+repository (the pack normally lives in ``<ComfyUI>/custom_nodes/<pack>``; in CI the
+repo and the ComfyUI tree are siblings under one parent, e.g. /work/main and
+/work/ComfyUI, so ``<parent>/ComfyUI`` is tried too).
+
+Usage in a test module::
+
+    from tests.comfy_env import require_comfy
+    comfy_root = require_comfy()   # skips the whole module, with the reason, if absent
+"""
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def find_comfy_root() -> Path | None:
+    """The ComfyUI source root, or None."""
+    candidates = []
+    if os.environ.get("COMFYUI_ROOT"):
+        candidates.append(Path(os.environ["COMFYUI_ROOT"]))
+    candidates += [REPO.parents[1], REPO.parent / "ComfyUI"]
+    for c in candidates:
+        if (c / "comfy" / "model_management.py").is_file():
+            return c.resolve()
+    return None
+
+
+def import_comfy() -> tuple[Path | None, str]:
+    """Put the ComfyUI root first on sys.path and import comfy for CPU use.
+
+    Returns (root, "") on success, (None, reason) otherwise.
+    """
+    root = find_comfy_root()
+    if root is None:
+        return None, ("ComfyUI not found: set COMFYUI_ROOT to a ComfyUI source tree "
+                      f"(looked in $COMFYUI_ROOT, {REPO.parents[1]}, {REPO.parent / 'ComfyUI'})")
+    # First on sys.path: ComfyUI's comfy/utils.py etc. must win over same-named packages.
+    if sys.path[:1] != [str(root)]:
+        if str(root) in sys.path:
+            sys.path.remove(str(root))
+        sys.path.insert(0, str(root))
+    if str(REPO) not in sys.path:  # this pack's pp_runtime, after ComfyUI
+        sys.path.insert(1, str(REPO))
+    try:
+        from comfy.cli_args import args
+        args.cpu = True   # must precede the first import of comfy.model_management
+        import comfy.model_management  # noqa: F401
+        import comfy.ops  # noqa: F401
+    except Exception as e:  # a broken/partial install should skip, not error, tier 2
+        return None, f"ComfyUI at {root} is not importable: {type(e).__name__}: {e}"
+    return root, ""
+
+
+def require_comfy() -> Path:
+    """Import ComfyUI or skip the calling test module with the reason."""
+    import pytest
+
+    root, reason = import_comfy()
+    if root is None:
+        pytest.skip(reason, allow_module_level=True)
+    return root
