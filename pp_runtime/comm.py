@@ -41,8 +41,12 @@ def _dtype(name: str) -> torch.dtype:
     return getattr(torch, name.removeprefix("torch."))
 
 
-def _schema_of(tensors: dict) -> tuple:
-    return tuple((k, str(t.dtype), tuple(t.shape)) for k, t in tensors.items())
+def _schema_of(tensors: dict, device_type: str) -> tuple:
+    """(key, dtype, shape, where) per tensor; where is "h" for a host (CPU) tensor in a dict
+    sent between devices of another type (small ints such as sizes: NCCL cannot carry
+    them, and the receiver reads them on the host), else "d"."""
+    host = lambda t: t.device.type == "cpu" and device_type != "cpu"  # noqa: E731
+    return tuple((k, str(t.dtype), tuple(t.shape), "h" if host(t) else "d") for k, t in tensors.items())
 
 
 class TensorDictP2P:
@@ -70,7 +74,7 @@ class TensorDictP2P:
     # -- send ------------------------------------------------------------------------
     def isend_tensor_dict(self, tensors: dict[str, torch.Tensor], dst: int) -> None:
         tensors = {k: v.contiguous() for k, v in tensors.items()}
-        sig = _schema_of(tensors)
+        sig = _schema_of(tensors, self.device.type)
         known = self._sent_schemas[dst]
         payload = None
         if sig not in known:
@@ -82,8 +86,9 @@ class TensorDictP2P:
         self._post(header, dst, self.header_group)
         if payload is not None:
             self._post(payload, dst, self.schema_group)
-        for t in tensors.values():
-            self._post(t, dst, self.data_group)
+        for (_, _, _, where), t in zip(sig, tensors.values()):
+            # host tensors go in order on the (CPU) schema group, right after the schema
+            self._post(t, dst, self.schema_group if where == "h" else self.data_group)
 
     def isend_stop(self, dst: int) -> None:
         self._post(torch.tensor([KIND_STOP, 0, 0], dtype=torch.int64), dst, self.header_group)
@@ -125,12 +130,14 @@ class TensorDictP2P:
             key = (pending.src, schema_id)
             if key not in self._buffers:
                 self._buffers[key] = [
-                    {k: torch.empty(shape, dtype=_dtype(dt), device=self.device) for k, dt, shape in schema}
+                    {k: torch.empty(shape, dtype=_dtype(dt), device="cpu" if where == "h" else self.device)
+                     for k, dt, shape, where in schema}
                     for _ in range(_RING)]
             slot = self._ring_pos[key]
             self._ring_pos[key] = (slot + 1) % _RING
             buffers = self._buffers[key][slot]
-            works = [dist.irecv(buffers[k], pending.src, group=self.data_group) for k, _, _ in schema]
+            works = [dist.irecv(buffers[k], pending.src, group=self.schema_group if where == "h" else self.data_group)
+                     for k, _, _, where in schema]
             for w in works:
                 w.wait()
             return buffers

@@ -13,6 +13,7 @@ group stays usable.
 """
 from __future__ import annotations
 
+import atexit
 import itertools
 import os
 import queue
@@ -264,6 +265,20 @@ class WorkerGroup:
         if getattr(self, "logdir", None) is not None:
             shutil.rmtree(self.logdir, ignore_errors=True)
 
+    def status(self) -> dict:
+        """JSON-able state for the ComfyUI frontend and tests."""
+        last = getattr(self, "last_run", None) or {}
+        ranks = []
+        for r, dev in enumerate(self.devices):
+            info = (self.info[r] if r < len(self.info) and self.info[r] else {}) if self.procs else {}
+            done = (last.get("ranks") or [None] * self.world)[r] or {}
+            ranks.append({"rank": r, "device": dev, "name": info.get("name"),
+                          "pid": info.get("pid") if self.alive else None,
+                          "stage": done.get("stage"), "pp_rank": done.get("pp_rank"), "cfg_rank": done.get("cfg_rank")})
+        return {"devices": self.devices, "backend": "local", "state": self.state, "failure": self.failure,
+                "layout": last.get("layout"), "split": last.get("split"), "model": last.get("family"),
+                "ranks": ranks}
+
     @property
     def alive(self) -> bool:
         return self.state in ("idle", "running") and all(p.poll() is None for p in self.procs)
@@ -329,17 +344,21 @@ class WorkerGroup:
         with self._lock:
             self.state = "running"
             job_id = f"job{next(self._ids)}"
-            ranks, spans, result, interrupt_sent = {}, [], None, False
+            ranks, spans, result, interrupt_sent, raised = {}, [], None, False, None
             self._broadcast({"op": "run", "job": job_id, "job_spec": job}, tensors)
             while len(ranks) < self.world:
-                if should_interrupt is not None and not interrupt_sent and should_interrupt():
+                if not interrupt_sent and (raised is not None or (should_interrupt is not None and should_interrupt())):
                     self.interrupt(job_id)
                     interrupt_sent = True
                 msg, t = self._next(job_id)
                 if msg is None:
                     continue
-                if msg["op"] == "step" and on_step is not None:
-                    on_step(msg["step"], msg["total"], t.get("latents"))
+                if msg["op"] == "step" and on_step is not None and raised is None:
+                    try:
+                        on_step(msg["step"], msg["total"], t.get("latents"))
+                    except BaseException as e:  # e.g. ComfyUI's interrupt from its progress bar:
+                        raised = e              # stop the workers cleanly, then re-raise
+                    continue
                 elif msg["op"] == "timings":
                     spans.extend(msg["spans"])
                 elif msg["op"] == "done":
@@ -348,5 +367,34 @@ class WorkerGroup:
                     if "latents" in t:
                         result = t["latents"]
             self.state = "idle"
+        self.last_run = {"ranks": [ranks[r] for r in range(self.world)], "spans": spans,
+                         "layout": job.get("layout"), "split": job.get("split"), "family": job.get("family")}
+        if raised is not None:
+            raise raised
         return {"latents": result, "interrupted": any(r["interrupted"] for r in ranks.values()),
                 "ranks": [ranks[r] for r in range(self.world)], "spans": spans}
+
+
+# -- groups shared across prompts and nodes ---------------------------------------------
+_SHARED: dict[tuple, WorkerGroup] = {}
+
+
+def shared_group(devices, extra_paths=()) -> WorkerGroup:
+    """The one group for these devices (started on first use, kept across prompts)."""
+    key = tuple(parse_devices(devices))
+    group = _SHARED.get(key)
+    if group is None or group.state == "stopped":
+        group = _SHARED[key] = WorkerGroup(list(key), extra_paths=extra_paths)
+    return group
+
+
+def shared_groups() -> list[WorkerGroup]:
+    return list(_SHARED.values())
+
+
+def shutdown_all() -> None:
+    for g in _SHARED.values():
+        g.shutdown()
+
+
+atexit.register(shutdown_all)

@@ -9,6 +9,7 @@ impossible combinations with a message that names what to change.
 from __future__ import annotations
 
 import importlib
+import inspect
 import json
 
 import torch
@@ -95,12 +96,23 @@ def placement_key(job: dict) -> str:
 
 
 def build_stage(model_spec: dict, counts: list[int], stage: int, device: torch.device):
-    """Build the model and keep only ``stage``'s part, on ``device``."""
+    """Build the model and keep only ``stage``'s part, on ``device``.
+
+    A factory that accepts ``stage`` (start, end, is_first, is_last), ``device`` and
+    ``dtype`` builds only that part, in place (large models: nothing else is ever
+    allocated).  Otherwise the whole model is built on the CPU, pruned, then moved.
+    """
     sp = Split(tuple(counts))
     start, end = sp.ranges[stage]
-    model = import_factory(model_spec["factory"])(**model_spec.get("kwargs", {}))
-    if hasattr(model, "prune"):
-        model.prune(start, end, stage == 0, stage == len(counts) - 1)
-    model = model.to(device=device, dtype=getattr(torch, model_spec.get("dtype", "float32")))
+    where = (start, end, stage == 0, stage == len(counts) - 1)
+    dtype = getattr(torch, model_spec.get("dtype", "float32"))
+    factory = import_factory(model_spec["factory"])
+    if "stage" in inspect.signature(factory).parameters:
+        model = factory(**model_spec.get("kwargs", {}), stage=where, device=device, dtype=dtype)
+    else:
+        model = factory(**model_spec.get("kwargs", {}))
+        if hasattr(model, "prune"):
+            model.prune(*where)
+        model = model.to(device=device, dtype=dtype)
     model.eval().requires_grad_(False)
     return model, (start, end)

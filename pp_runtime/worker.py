@@ -29,6 +29,7 @@ from .jobs import build_stage, placement_key
 from .pipeline import PPDenoiser
 
 
+
 class Worker:
     def __init__(self, rank: int, world: int, device: torch.device, conn):
         self.rank, self.world, self.device, self.conn = rank, world, device, conn
@@ -73,24 +74,64 @@ class Worker:
             torch.cuda.empty_cache()
         self.send({"op": "released", "job": msg.get("job")})
 
-    def _place(self, job):
+    def _place(self, job, ctx):
         key = placement_key(job)
         loaded = key not in self.placed
         if loaded:
             self.placed.clear()  # one placed model per group for now
+            if self.device.type == "cuda":
+                torch.cuda.empty_cache()
             t0 = time.perf_counter()
-            ctx = PPContext.for_layout(job["layout"]["pp"], job["layout"]["cfg"], self.device)
-            model, rng = build_stage(job["model"], job["split"], ctx.topo.pp_rank, self.device)
-            self.placed[key] = (model, rng, time.perf_counter() - t0)
-        model, rng, load_s = self.placed[key]
-        return model, rng, loaded, load_s
+            if job["kind"] == "comfy_sample":
+                from .comfy_sampling import ComfyStage  # ComfyUI only in workers that run its models
+                placed = ComfyStage(job["model"], job["split"], ctx.topo, self.device)
+            else:
+                placed = build_stage(job["model"], job["split"], ctx.topo.pp_rank, self.device)
+            self.placed[key] = (placed, time.perf_counter() - t0)
+        placed, load_s = self.placed[key]
+        return placed, loaded, load_s
 
     def run_job(self, msg, tensors):
-        job, job_id = msg["job_spec"], msg["job"]
-        self.current_job = job_id
-        t_start = time.perf_counter()
-        model, rng, loaded, load_s = self._place(job)
+        job = msg["job_spec"]
+        if job["kind"] == "comfy_sample":
+            import_comfy(self.device)
         ctx = PPContext.for_layout(job["layout"]["pp"], job["layout"]["cfg"], self.device)
+        placed, loaded, load_s = self._place(job, ctx)
+        run = self.run_comfy if job["kind"] == "comfy_sample" else self.run_denoise
+        with torch.inference_mode():
+            run(msg, tensors, ctx, placed, {"loaded": loaded, "load_seconds": load_s})
+
+    def run_comfy(self, msg, tensors, ctx, stage, info):
+        from .comfy_sampling import ComfyPipelineRunner, sample_on_last_rank
+        job, job_id = msg["job_spec"], msg["job"]
+        topo = ctx.topo
+        t_start = time.perf_counter()
+        runner = ComfyPipelineRunner(ctx, stage, job.get("micro_batch_size", 1), job.get("batched_cfg", False))
+
+        def on_step(i, total, x0):
+            if topo.is_output_rank:
+                self.send({"op": "step", "job": job_id, "step": i, "total": total}, {"latents": x0})
+
+        result, interrupted = None, False
+        if topo.is_last:
+            try:
+                result = sample_on_last_rank(runner, stage, job, tensors, on_step,
+                                             should_stop=lambda: self.interrupt_job == job_id)
+            except PipelineStopped:
+                interrupted = True
+        else:
+            runner.serve()
+        done = {"op": "done", "job": job_id, "interrupted": interrupted, **info,
+                "seconds": time.perf_counter() - t_start, "spans": runner.timeline.take(wait=True),
+                "stage": list(stage.range), "pp_rank": topo.pp_rank, "cfg_rank": topo.cfg_rank,
+                "passes": runner.passes}
+        out = {"latents": result} if topo.is_output_rank and result is not None else None
+        self.send(done, out)
+
+    def run_denoise(self, msg, tensors, ctx, placed, info):
+        job, job_id = msg["job_spec"], msg["job"]
+        t_start = time.perf_counter()
+        model, rng = placed
         topo = ctx.topo
         schemas_before = ctx.p2p.schemas_sent if ctx.p2p else 0
         denoiser = PPDenoiser(ctx, model, rng, job.get("micro_batch_size", 1), job.get("batched_cfg", False),
@@ -105,18 +146,25 @@ class Worker:
             self.send({"op": "timings", "job": job_id, "spans": denoiser.timeline.take()})
 
         result, interrupted = None, False
-        with torch.inference_mode():
-            try:
-                result = denoiser.denoise(on_step=on_step, **s, positive=positive, negative=negative)
-            except PipelineStopped:
-                interrupted = True
+        try:
+            result = denoiser.denoise(on_step=on_step, **s, positive=positive, negative=negative)
+        except PipelineStopped:
+            interrupted = True
         spans = denoiser.timeline.take(wait=True)
-        done = {"op": "done", "job": job_id, "interrupted": interrupted, "loaded": loaded,
-                "load_seconds": load_s, "seconds": time.perf_counter() - t_start, "spans": spans,
+        done = {"op": "done", "job": job_id, "interrupted": interrupted, **info,
+                "seconds": time.perf_counter() - t_start, "spans": spans,
                 "stage": list(rng), "pp_rank": topo.pp_rank, "cfg_rank": topo.cfg_rank,
                 "schemas_sent": (ctx.p2p.schemas_sent if ctx.p2p else 0) - schemas_before}
         out = {"latents": result} if topo.is_output_rank and result is not None else None
         self.send(done, out)
+
+
+def import_comfy(device: torch.device) -> None:
+    """ComfyUI's model code in this process (its root is on PYTHONPATH), CPU mode on CPU workers."""
+    if "comfy.model_management" not in sys.modules:
+        from comfy.cli_args import args
+        args.cpu = device.type == "cpu"
+        import comfy.model_management  # noqa: F401
 
 
 def main(argv=None):

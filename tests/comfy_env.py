@@ -7,7 +7,7 @@ repo and the ComfyUI tree are siblings under one parent, e.g. /work/main and
 
 Usage in a test module::
 
-    from tests.comfy_env import require_comfy
+    from comfy_env import require_comfy
     comfy_root = require_comfy()   # skips the whole module, with the reason, if absent
 """
 from __future__ import annotations

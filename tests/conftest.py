@@ -3,9 +3,13 @@ from pathlib import Path
 
 import pytest
 
-ROOT = Path(__file__).resolve().parent.parent
-if str(ROOT) not in sys.path:
-    sys.path.insert(0, str(ROOT))
+# Test helpers are plain modules of this folder (not a ``tests`` package: ComfyUI has a
+# ``tests`` package of its own, which would shadow ours once ComfyUI is on sys.path).
+TESTS = Path(__file__).resolve().parent
+ROOT = TESTS.parent
+for p in (str(TESTS), str(ROOT)):
+    if p not in sys.path:
+        sys.path.insert(0, p)
 
 from pp_runtime.group import WorkerGroup  # noqa: E402
 
@@ -19,8 +23,12 @@ def cpu_group():
         key = ",".join(["cpu"] * n)
         g = _GROUPS.get(key)
         if g is None or not g.alive:
-            g = _GROUPS[key] = WorkerGroup(key, cpu_threads=1).start()
+            g = _GROUPS[key] = WorkerGroup(key, cpu_threads=1, extra_paths=[str(TESTS)]).start()
         return g
     yield get
     for g in _GROUPS.values():
         g.shutdown()
+
+
+# Tier 3 (tests/test_server_e2e.py): per-test wall times at the end of the run.
+from server_util import pytest_terminal_summary  # noqa: E402,F401

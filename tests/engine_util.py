@@ -5,7 +5,7 @@ from pp_runtime.context import PPContext
 from pp_runtime.jobs import build_stage, prepare_denoise_job
 from pp_runtime.pipeline import PPDenoiser
 
-TOY = {"factory": "tests.toy_models:build", "kwargs": {"seed": 7}}
+TOY = {"factory": "toy_models:build", "kwargs": {"seed": 7}}
 DIT = {"factory": "pp_runtime.models.toy:build", "kwargs": {"depth": 5, "dim": 32, "heads": 2, "seed": 3}}
 
 

@@ -117,8 +117,8 @@ def cached_model_files(cache_dir=None) -> dict[str, Path]:
 
 
 if __name__ == "__main__":
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-    from tests.comfy_env import import_comfy
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    from comfy_env import import_comfy
 
     root, reason = import_comfy()
     if root is None:

@@ -11,7 +11,7 @@ import itertools
 import pytest
 import torch
 
-from tests.comfy_env import require_comfy
+from comfy_env import require_comfy
 
 require_comfy()
 
@@ -22,7 +22,7 @@ from comfy.ldm.wan.model import WanModel  # noqa: E402
 from pp_runtime.models.base import module_bytes  # noqa: E402
 from pp_runtime.models.flux import FluxStaged  # noqa: E402
 from pp_runtime.models.wan import WanStaged  # noqa: E402
-from tests.make_models import randomize  # noqa: E402
+from make_models import randomize  # noqa: E402
 
 # Same modules on the same tensors in the same order: expected bit-exact.  The bound
 # leaves room only for a kernel choosing a different reduction order for a tensor
@@ -231,7 +231,7 @@ def test_unsupported_wrappers_raise():
 # ------------------------------------------- files the stock UNETLoader reads
 @pytest.fixture(scope="module")
 def model_files():
-    from tests.make_models import cached_model_files
+    from make_models import cached_model_files
     files = cached_model_files()  # written once (~10 s), then reused across sessions
     return {"wan": files["wan21_t2v"], "flux": files["flux1_dev"]}
 

@@ -10,7 +10,9 @@ import torch
 
 from pp_runtime.group import WorkerError, WorkerGroup, parse_devices
 from pp_runtime.jobs import JobError, prepare_denoise_job
-from tests.engine_util import TOY, as_tensors, conditioning, reference
+from engine_util import TOY, as_tensors, conditioning, reference
+
+TESTS = os.path.dirname(os.path.abspath(__file__))
 
 POS, NEG = conditioning()
 TENSORS = as_tensors(POS, NEG)
@@ -49,7 +51,7 @@ def test_interrupt_then_next_job_on_same_group(cpu_group, world):
 
 
 def test_killed_worker_is_reported_with_rank_then_fresh_group_works():
-    group = WorkerGroup("cpu,cpu", cpu_threads=1)
+    group = WorkerGroup("cpu,cpu", cpu_threads=1, extra_paths=[TESTS])
     try:
         group.start()
         old = group.pids
@@ -75,7 +77,7 @@ def test_killed_worker_is_reported_with_rank_then_fresh_group_works():
 
 
 def test_worker_exception_names_rank_and_cause_then_next_job_works():
-    group = WorkerGroup("cpu,cpu", cpu_threads=1)
+    group = WorkerGroup("cpu,cpu", cpu_threads=1, extra_paths=[TESTS])
     try:
         with pytest.raises(WorkerError) as err:  # 3 latent channels for a 4-channel model
             group.run(_job(latent_shape=[1, 3, 4, 4]), TENSORS)

@@ -51,7 +51,7 @@ from einops import rearrange
 from comfy.ldm.flux.layers import ModulationOut, timestep_embedding
 from comfy.ldm.flux.model import Flux
 
-from .base import State, module_bytes
+from .base import ComfyAdapter, State, module_bytes
 from .wan import check_no_model_wrappers, forward_orig_args
 
 
@@ -68,7 +68,15 @@ def _unstack(t: torch.Tensor):
     return ModulationOut(*t[0:3]), ModulationOut(*t[3:6])
 
 
-class FluxStaged:
+class FluxStaged(ComfyAdapter):
+    EMBED = ("img_in", "time_in", "vector_in", "guidance_in", "txt_in", "txt_norm",
+             "double_stream_modulation_img", "double_stream_modulation_txt", "single_stream_modulation")
+    HEAD = ("final_layer",)
+
+    def block_prefix(self, i: int) -> str:
+        nd = len(self.model.double_blocks)
+        return f"double_blocks.{i}." if i < nd else f"single_blocks.{i - nd}."
+
     def __init__(self, model: Flux):
         if (type(model)._forward is not Flux._forward
                 or type(model).forward_orig is not Flux.forward_orig):

@@ -38,7 +38,7 @@ import comfy.ldm.common_dit
 import comfy.patcher_extension
 from comfy.ldm.wan.model import WanModel, sinusoidal_embedding_1d
 
-from .base import State, module_bytes
+from .base import ComfyAdapter, State, module_bytes
 
 
 class _ForwardOrigCall(Exception):
@@ -87,7 +87,13 @@ def _int(v) -> torch.Tensor:
     return torch.tensor(v, dtype=torch.int64)
 
 
-class WanStaged:
+class WanStaged(ComfyAdapter):
+    EMBED = ("patch_embedding", "text_embedding", "time_embedding", "time_projection", "img_emb", "ref_conv")
+    HEAD = ("head",)
+
+    def block_prefix(self, i: int) -> str:
+        return f"blocks.{i}."
+
     def __init__(self, model: WanModel):
         if (type(model)._forward is not WanModel._forward
                 or type(model).forward_orig is not WanModel.forward_orig):

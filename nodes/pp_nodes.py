@@ -1,0 +1,195 @@
+"""The ComfyUI nodes.  Thin: inputs are checked and handed to ``pp_runtime``.
+
+This is the only package that imports ComfyUI's server-side modules (folder_paths,
+latent_preview, comfy.utils' progress bar).  Node ids and input names are public:
+shared workflow JSON depends on them.
+"""
+from __future__ import annotations
+
+import os
+
+import comfy
+import comfy.model_management
+import comfy.samplers
+import folder_paths
+import latent_preview
+import torch
+
+from ..pp_runtime import comfy_bridge
+from ..pp_runtime.comfy_job import prepare_comfy_job
+from ..pp_runtime.group import WorkerError, parse_devices, shared_group
+from ..pp_runtime.jobs import CFG_MODES, JobError
+from ..pp_runtime.split import STRATEGIES, SplitError, parse_manual
+
+CATEGORY = "sampling/pipeline_parallel"
+COMFY_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(comfy.model_management.__file__)))
+
+
+class PPWorkerGroup:
+    DESCRIPTION = ("A persistent group of worker processes, one per device, that holds the stages of the model. "
+                   "Shared by every PP node with the same devices and kept alive across prompts.")
+    CATEGORY = CATEGORY
+    RETURN_TYPES = ("PP_GROUP",)
+    FUNCTION = "make"
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {"required": {
+            "devices": ("STRING", {"default": "auto", "tooltip": "Devices, one worker each: 'auto' (every CUDA GPU), "
+                                   "'cuda:0,cuda:1', or 'cpu,cpu' to try it without GPUs."}),
+            "backend": (["local", "ray"], {"tooltip": "local: worker processes on this machine. "
+                                           "ray: actors on a Ray cluster (not in this version)."}),
+        }, "optional": {
+            "ray_address": ("STRING", {"default": "", "tooltip": "Ray cluster address, for backend 'ray'."}),
+        }}
+
+    @classmethod
+    def VALIDATE_INPUTS(cls, devices, backend, ray_address=""):
+        if backend == "ray":
+            return "backend 'ray' is not available in this version: use 'local'"
+        try:
+            parse_devices(devices)
+        except ValueError as e:
+            return str(e)
+        return True
+
+    def make(self, devices, backend, ray_address=""):
+        return ({"devices": parse_devices(devices), "backend": backend},)
+
+
+class PPStageSplit:
+    DESCRIPTION = "How the model's blocks are divided among the pipeline stages (one stage per GPU)."
+    CATEGORY = CATEGORY
+    RETURN_TYPES = ("PP_SPLIT",)
+    FUNCTION = "make"
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {"required": {
+            "strategy": (list(STRATEGIES), {"tooltip": "balanced: equal compute per stage; even: equal block counts; "
+                                            "by_memory: equal weight bytes per GPU; manual: the counts below."}),
+            "manual": ("STRING", {"default": "", "tooltip": "Blocks per stage for 'manual', e.g. '27,30' "
+                                  "(must add up to the model's block count)."}),
+        }}
+
+    @classmethod
+    def VALIDATE_INPUTS(cls, strategy, manual):
+        if strategy == "manual":
+            try:
+                counts = parse_manual(manual)
+            except SplitError as e:
+                return str(e)
+            if min(counts) < 1:
+                return f"manual split '{manual}' has an empty stage: every stage needs at least one block"
+        return True
+
+    def make(self, strategy, manual):
+        return ({"strategy": strategy, "manual": manual},)
+
+
+class PPCFGMode:
+    DESCRIPTION = ("How the two classifier-free-guidance branches use the GPUs: sequential pipelines them as two "
+                   "micro-batches; cfg_parallel gives each branch its own pipeline (needs an even GPU count); "
+                   "batched runs them as one batch; off samples with one branch (cfg 1).")
+    CATEGORY = CATEGORY
+    RETURN_TYPES = ("PP_CFG",)
+    FUNCTION = "make"
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {"required": {
+            "mode": (list(CFG_MODES), {"tooltip": "auto: cfg_parallel with 4+ GPUs (PP x 2), else sequential."}),
+            "cfg_normalize": ("BOOLEAN", {"default": False, "tooltip": "Rescale the guided prediction to the norm "
+                                          "of the cond prediction (diffusers-loop option; PP KSampler uses "
+                                          "ComfyUI's own CFG and refuses it)."}),
+        }}
+
+    def make(self, mode, cfg_normalize):
+        return ({"mode": mode, "cfg_normalize": cfg_normalize},)
+
+
+class PPLoadDiffusionModel:
+    DESCRIPTION = ("Load a diffusion model for PP KSampler without reading its weights here: each worker reads "
+                   "only its own stage from the file.")
+    CATEGORY = CATEGORY
+    RETURN_TYPES = ("MODEL",)
+    FUNCTION = "load"
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {"required": {
+            "unet_name": (folder_paths.get_filename_list("diffusion_models"),
+                          {"tooltip": "A file in models/diffusion_models."}),
+            "weight_dtype": (["default", "fp8_e4m3fn", "fp8_e4m3fn_fast", "fp8_e5m2"],
+                             {"tooltip": "Weight dtype on the GPUs, as the stock Load Diffusion Model offers."}),
+        }}
+
+    def load(self, unet_name, weight_dtype):
+        dtype = {"fp8_e4m3fn": torch.float8_e4m3fn, "fp8_e4m3fn_fast": torch.float8_e4m3fn,
+                 "fp8_e5m2": torch.float8_e5m2}.get(weight_dtype)
+        path = folder_paths.get_full_path_or_raise("diffusion_models", unet_name)
+        return (comfy_bridge.load_on_disk(path, dtype),)
+
+
+class PPKSampler:
+    DESCRIPTION = ("KSampler across several GPUs: the model is split into stages, one per device of the worker "
+                   "group; ComfyUI's own sampler runs on the last stage. Same result as the stock KSampler.")
+    CATEGORY = CATEGORY
+    RETURN_TYPES = ("LATENT",)
+    FUNCTION = "sample"
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {"required": {
+            "model": ("MODEL", {"tooltip": "From Load Diffusion Model or PP Load Diffusion Model (Wan, Flux)."}),
+            "group": ("PP_GROUP", {"tooltip": "The worker group (PP Worker Group)."}),
+            "positive": ("CONDITIONING", {"tooltip": "What to include in the image."}),
+            "negative": ("CONDITIONING", {"tooltip": "What to exclude from the image."}),
+            "latent_image": ("LATENT", {"tooltip": "The latent to denoise."}),
+            "seed": ("INT", {"default": 0, "min": 0, "max": 0xffffffffffffffff, "control_after_generate": True,
+                             "tooltip": "The random seed used for creating the noise."}),
+            "steps": ("INT", {"default": 20, "min": 1, "max": 10000, "tooltip": "Denoising steps."}),
+            "cfg": ("FLOAT", {"default": 8.0, "min": 0.0, "max": 100.0, "step": 0.1, "round": 0.01,
+                              "tooltip": "Classifier-free guidance scale (1.0 runs the cond branch only)."}),
+            "sampler_name": (comfy.samplers.KSampler.SAMPLERS, {"tooltip": "Sampling algorithm."}),
+            "scheduler": (comfy.samplers.KSampler.SCHEDULERS, {"tooltip": "Noise schedule."}),
+            "denoise": ("FLOAT", {"default": 1.0, "min": 0.0, "max": 1.0, "step": 0.01,
+                                  "tooltip": "Amount of denoising; below 1 keeps part of the input latent."}),
+        }, "optional": {
+            "split": ("PP_SPLIT", {"tooltip": "Stage split (default: balanced)."}),
+            "cfg_mode": ("PP_CFG", {"tooltip": "CFG layout (default: auto)."}),
+        }}
+
+    def sample(self, model, group, positive, negative, latent_image, seed, steps, cfg, sampler_name, scheduler,
+               denoise, split=None, cfg_mode=None):
+        workers = shared_group(group["devices"], extra_paths=[COMFY_ROOT])
+        job, tensors = prepare_comfy_job(workers.world, model, positive, negative, latent_image, seed=seed,
+                                         steps=steps, cfg=cfg, sampler_name=sampler_name, scheduler=scheduler,
+                                         denoise=denoise, split=split, cfg_mode=cfg_mode)
+        preview = latent_preview.prepare_callback(model, steps)
+        try:
+            result = workers.run(job, tensors, on_step=lambda i, n, x0: preview(i, x0, None, n),
+                                 should_interrupt=comfy.model_management.processing_interrupted)
+        except WorkerError as e:
+            raise RuntimeError(f"PP KSampler: {e}") from None
+        if result["interrupted"]:
+            raise comfy.model_management.InterruptProcessingException()
+        out = latent_image.copy()
+        out["samples"] = result["latents"]
+        return (out,)
+
+
+NODE_CLASS_MAPPINGS = {
+    "PPWorkerGroup": PPWorkerGroup,
+    "PPStageSplit": PPStageSplit,
+    "PPCFGMode": PPCFGMode,
+    "PPLoadDiffusionModel": PPLoadDiffusionModel,
+    "PPKSampler": PPKSampler,
+}
+NODE_DISPLAY_NAME_MAPPINGS = {
+    "PPWorkerGroup": "PP Worker Group",
+    "PPStageSplit": "PP Stage Split",
+    "PPCFGMode": "PP CFG Mode",
+    "PPLoadDiffusionModel": "PP Load Diffusion Model",
+    "PPKSampler": "PP KSampler",
+}

@@ -1,0 +1,297 @@
+"""ComfyUI models across the process boundary.
+
+Both sides use ComfyUI's own model code (``comfy.*``, no server modules):
+
+* the ComfyUI process turns a MODEL, conditioning and a LATENT into a job: a weights
+  file (the loader's own file, or an export of a MODEL that is already in memory), the
+  dtypes the stock loader chose, the model-sampling object patch (ModelSamplingFlux/SD3
+  shift ...) and the conditioning as tensors + JSON.  What cannot be carried is refused
+  here, before any worker work, with the name of what to remove.
+* a worker detects the model config from the file's header alone, builds ComfyUI's model
+  class on the meta device, and loads only the tensors of its own stage, in the dtype the
+  stock loader would use, straight onto its device.
+"""
+from __future__ import annotations
+
+import atexit
+import json
+import os
+import shutil
+import tempfile
+import uuid
+import weakref
+
+import torch
+
+_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+           "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
+           "BOOL": torch.bool, "F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2}
+
+
+class CarryError(ValueError):
+    """Something on the MODEL or conditioning that pipeline-parallel sampling cannot carry."""
+
+
+def dtype_name(dtype) -> str | None:
+    return None if dtype is None else str(dtype).removeprefix("torch.")
+
+
+def dtype_of(name):
+    return None if name is None else getattr(torch, name)
+
+
+# -- adapters -----------------------------------------------------------------------
+def adapter_for(diffusion_model):
+    """The family adapter for a ComfyUI diffusion model (one file per family)."""
+    from comfy.ldm.flux.model import Flux
+    from comfy.ldm.wan.model import WanModel
+    if isinstance(diffusion_model, WanModel):
+        from .models.wan import WanStaged
+        return WanStaged(diffusion_model)
+    if isinstance(diffusion_model, Flux):
+        from .models.flux import FluxStaged
+        return FluxStaged(diffusion_model)
+    raise CarryError(f"pipeline-parallel sampling has no adapter for {type(diffusion_model).__name__} yet; "
+                     f"supported: Wan 2.1 (WanModel), Flux (Flux.1, Kontext, Flux.2)")
+
+
+def model_profile(diffusion_model) -> dict:
+    a = adapter_for(diffusion_model)
+    missing = a.unplaced()
+    if missing:
+        raise CarryError(f"the {type(a).__name__} adapter places no stage for weights {missing[:5]}")
+    return {"num_blocks": a.num_blocks, "costs": a.block_costs(), "block_bytes": a.block_bytes(),
+            "first_bytes": a.embed_bytes(), "last_bytes": a.head_bytes(), "family": type(a).__name__}
+
+
+# -- model from a file header ---------------------------------------------------------
+def header_state_dict(path: str) -> dict[str, torch.Tensor]:
+    """Every tensor of a safetensors file as a meta tensor: shapes and dtypes, no data."""
+    from safetensors import safe_open
+    out = {}
+    with safe_open(path, framework="pt") as f:
+        for k in f.keys():
+            sl = f.get_slice(k)
+            out[k] = torch.empty(sl.get_shape(), dtype=_DTYPES[sl.get_dtype()], device="meta")
+    return out
+
+
+def detect(path: str):
+    """(model_config, key prefix, meta state dict) as ComfyUI's diffusion-model loader detects them."""
+    import comfy.utils
+    from comfy import model_detection
+    sd = header_state_dict(path)
+    prefix = model_detection.unet_prefix_from_state_dict(sd)
+    stripped = comfy.utils.state_dict_prefix_replace(sd, {prefix: ""}, filter_keys=True)
+    if stripped:
+        sd = stripped
+    else:
+        prefix = ""
+    config = model_detection.model_config_from_unet(sd, "")
+    if config is None:
+        raise CarryError(f"ComfyUI cannot detect a diffusion model in {os.path.basename(path)}")
+    return config, prefix, sd
+
+
+def stock_dtypes(config, sd, weight_dtype=None):
+    """The (weight dtype, manual cast dtype) ComfyUI's stock loader picks for this file."""
+    import comfy.model_management as mm
+    import comfy.utils
+    unet_dtype = weight_dtype or mm.unet_dtype(model_params=comfy.utils.calculate_parameters(sd),
+                                               supported_dtypes=list(config.supported_inference_dtypes),
+                                               weight_dtype=comfy.utils.weight_dtype(sd))
+    manual = mm.unet_manual_cast(unet_dtype, mm.get_torch_device(), config.supported_inference_dtypes)
+    return unet_dtype, manual
+
+
+def meta_base_model(path: str, dtype, manual_cast):
+    """ComfyUI's BaseModel for the file, its diffusion model on the meta device."""
+    config, prefix, sd = detect(path)
+    config.set_inference_dtype(dtype, manual_cast)
+    base = config.get_model(sd, "", device="meta")
+    return base, prefix
+
+
+def load_stage_weights(diffusion_model, path: str, file_prefix: str, prefixes: list[str], device) -> int:
+    """Read only this stage's tensors from the file into the meta model; returns bytes read."""
+    from safetensors import safe_open
+    wanted = {n: p for n, p in list(diffusion_model.named_parameters()) + list(diffusion_model.named_buffers())
+              if n.startswith(tuple(prefixes))}
+    sd, nbytes = {}, 0
+    with safe_open(path, framework="pt", device="cpu") as f:
+        keys = set(f.keys())
+        for name, p in wanted.items():
+            key = file_prefix + name
+            if key not in keys:
+                raise CarryError(f"{os.path.basename(path)} has no tensor '{key}' for this stage")
+            t = f.get_tensor(key)
+            nbytes += t.numel() * t.element_size()
+            sd[name] = t.to(device=device, dtype=p.dtype)
+    diffusion_model.load_state_dict(sd, strict=False, assign=True)
+    return nbytes
+
+
+_EXPORTS: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
+
+
+def export_weights(diffusion_model, folder: str | None = None) -> str:
+    """A MODEL already in memory (stock loader): its weights as one safetensors file that
+    the workers read stage by stage.  Written once per model object."""
+    from safetensors.torch import save_file
+    path = _EXPORTS.get(diffusion_model)
+    if path and os.path.exists(path):
+        return path
+    if folder is None:
+        folder = tempfile.mkdtemp(prefix="pp-export-")
+        atexit.register(shutil.rmtree, folder, True)
+    path = os.path.join(folder, f"model-{uuid.uuid4().hex}.safetensors")
+    sd = {k: v.detach().to("cpu").contiguous() for k, v in diffusion_model.state_dict().items()}
+    save_file(sd, path)
+    _EXPORTS[diffusion_model] = path
+    return path
+
+
+# -- what a MODEL carries besides weights --------------------------------------------
+_KNOWN_OPTION_NODES = {
+    "sampler_cfg_function": "a CFG-function node (e.g. RescaleCFG, CFGZeroStar)",
+    "sampler_post_cfg_function": "a post-CFG node (e.g. PerpNeg, SAG, CFGNorm)",
+    "sampler_pre_cfg_function": "a pre-CFG node",
+    "model_function_wrapper": "a model-function wrapper node (e.g. a caching node)",
+    "sampler_calc_cond_batch_function": "a cond-batch node",
+}
+
+
+def model_carry(model) -> tuple[dict, dict]:
+    """The parts of a ModelPatcher the workers must reproduce: (JSON, tensors).
+
+    Carried: the ``model_sampling`` object patch (ModelSamplingFlux, ModelSamplingSD3,
+    ModelSamplingDiscrete, ...) and plain option flags.  Refused with the name of what
+    added them: weight patches (LoRA), other object patches, callable sampler options,
+    transformer patches.
+    """
+    if getattr(model, "patches", None):
+        raise CarryError("the MODEL has weight patches (LoRA or similar, e.g. from LoraLoaderModelOnly); "
+                         "PP KSampler does not apply them yet: remove the LoRA node")
+    others = [k for k in getattr(model, "object_patches", {}) if k != "model_sampling"]
+    if others:
+        raise CarryError(f"the MODEL has object patches {others} from a model-patch node; PP KSampler can carry "
+                         f"only model_sampling (ModelSamplingFlux/SD3/...): remove that node")
+    options = {}
+    for k, v in model.model_options.items():
+        if k == "transformer_options":
+            bad = [n for n, x in v.items() if x]
+            if bad:
+                raise CarryError(f"the MODEL has transformer options {bad} (attention or block patches from a "
+                                 f"model-patch node); PP KSampler cannot run them on split stages: remove that node")
+        elif isinstance(v, (bool, int, float, str)) or v is None:
+            options[k] = v
+        else:
+            hint = _KNOWN_OPTION_NODES.get(k, "a model-patch node")
+            raise CarryError(f"the MODEL has option '{k}' from {hint}; PP KSampler cannot carry it: remove that node")
+    meta, tensors = {"options": options, "model_sampling": None}, {}
+    ms = model.object_patches.get("model_sampling") if hasattr(model, "object_patches") else None
+    if ms is not None:
+        meta["model_sampling"], ms_tensors = pack_model_sampling(ms)
+        tensors.update({f"ms.{k}": v for k, v in ms_tensors.items()})
+    return meta, tensors
+
+
+def pack_model_sampling(ms) -> tuple[dict, dict]:
+    import comfy.model_sampling as cms
+    bases = [b.__name__ for b in type(ms).__mro__[1:]
+             if b.__module__ == cms.__name__ and b.__name__ != "object"]
+    if not bases:
+        raise CarryError(f"model sampling {type(ms).__name__} is not built from comfy.model_sampling classes")
+    scalars = {k: v for k, v in vars(ms).items()
+               if not k.startswith("_") and isinstance(v, (int, float, bool, str)) and k != "training"}
+    return {"bases": bases, "scalars": scalars}, {k: v for k, v in ms.state_dict().items()}
+
+
+def unpack_model_sampling(meta: dict, tensors: dict):
+    import comfy.model_sampling as cms
+    # The direct bases, in MRO order, minus those already implied by an earlier one.
+    classes = [getattr(cms, n) for n in meta["bases"]]
+    direct = [c for c in classes if not any(c is not o and issubclass(o, c) for o in classes)]
+    cls = type("ModelSamplingCarried", tuple(direct), {})
+    ms = cls.__new__(cls)
+    torch.nn.Module.__init__(ms)
+    for k, v in meta["scalars"].items():
+        setattr(ms, k, v)
+    for k, v in tensors.items():
+        ms.register_buffer(k, v)
+    return ms
+
+
+# -- conditioning ---------------------------------------------------------------------
+def pack_conditioning(name: str, conditioning) -> tuple[list, dict]:
+    """CONDITIONING ([[tensor, {options}], ...]) as JSON + tensors named '<name>.<i>.<key>'."""
+    meta, tensors = [], {}
+    for i, (cond, opts) in enumerate(conditioning):
+        tensors[f"{name}.{i}.cond"] = cond
+        entry = {}
+        for k, v in opts.items():
+            key = f"{name}.{i}.{k}"
+            if torch.is_tensor(v):
+                tensors[key] = v
+                entry[k] = {"t": "tensor"}
+            elif isinstance(v, (list, tuple)) and v and all(torch.is_tensor(x) for x in v):
+                for j, x in enumerate(v):
+                    tensors[f"{key}.{j}"] = x
+                entry[k] = {"t": "tensors", "n": len(v)}
+            elif v is None or isinstance(v, (bool, int, float, str)):
+                entry[k] = {"t": "value", "v": v}
+            elif isinstance(v, (list, tuple)) and all(isinstance(x, (bool, int, float, str)) for x in v):
+                entry[k] = {"t": "tuple" if isinstance(v, tuple) else "list", "v": list(v)}
+            elif k == "control":
+                raise CarryError("the conditioning has a ControlNet (Apply ControlNet); PP KSampler does not "
+                                 "run ControlNets yet: remove it or use the stock KSampler")
+            else:
+                raise CarryError(f"the {name} conditioning has '{k}' ({type(v).__name__}), which PP KSampler "
+                                 f"cannot carry to the workers: remove the node that added it")
+        meta.append(entry)
+    return meta, tensors
+
+
+def unpack_conditioning(name: str, meta: list, tensors: dict) -> list:
+    out = []
+    for i, entry in enumerate(meta):
+        opts = {}
+        for k, spec in entry.items():
+            key = f"{name}.{i}.{k}"
+            if spec["t"] == "tensor":
+                opts[k] = tensors[key]
+            elif spec["t"] == "tensors":
+                opts[k] = [tensors[f"{key}.{j}"] for j in range(spec["n"])]
+            elif spec["t"] == "tuple":
+                opts[k] = tuple(spec["v"])
+            else:
+                opts[k] = spec["v"]
+        out.append([tensors[f"{name}.{i}.cond"], opts])
+    return out
+
+
+def json_roundtrip(x):
+    """Refuse anything the JSON control channel cannot carry, early."""
+    return json.loads(json.dumps(x))
+
+
+def load_on_disk(path: str, weight_dtype=None):
+    """A MODEL for pipeline-parallel sampling whose weights stay in the file: ComfyUI's own
+    model class on the meta device (shapes, latent format, model sampling), no tensors
+    read.  The workers load their stages from ``path``."""
+    import comfy.model_management as mm
+    import comfy.model_patcher
+
+    config, _, sd = detect(path)
+    dtype, manual = stock_dtypes(config, sd, weight_dtype)
+    base, _ = meta_base_model(path, dtype, manual)
+    base.pp_source = {"path": os.path.abspath(path), "dtype": dtype_name(dtype), "manual_cast": dtype_name(manual)}
+
+    class OnDiskModelPatcher(comfy.model_patcher.ModelPatcher):
+        def _refuse(self, *args, **kwargs):
+            raise RuntimeError("this MODEL comes from PP Load Diffusion Model: its weights stay on disk for the "
+                               "pipeline workers. Connect it to PP KSampler, or load it with the stock "
+                               "Load Diffusion Model node for other samplers")
+        load = patch_model = partially_load = _refuse
+
+    return OnDiskModelPatcher(base, load_device=mm.get_torch_device(), offload_device=mm.unet_offload_device())

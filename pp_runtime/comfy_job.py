@@ -1,0 +1,92 @@
+"""Host side of a ComfyUI sampling job: validate everything, then describe the job as data.
+
+Called by the PP KSampler node in the ComfyUI process.  Every check that can fail does so
+here, before any worker does any work: the model family, what the MODEL carries, the
+latent against the model, the CFG layout against the devices, the split against the
+model's blocks.
+"""
+from __future__ import annotations
+
+import torch
+
+from . import comfy_bridge as cb
+from .jobs import JobError, choose_layout
+from .split import split_blocks
+
+
+def weights_source(model) -> dict:
+    """Where the workers read the weights, and in which dtypes (as the stock loader chose)."""
+    base = model.model
+    src = getattr(base, "pp_source", None)
+    if src is not None:  # PP Load Diffusion Model: weights still on disk
+        return dict(src)
+    path = cb.export_weights(base.diffusion_model)
+    return {"path": path, "dtype": cb.dtype_name(base.get_dtype()),
+            "manual_cast": cb.dtype_name(base.manual_cast_dtype)}
+
+
+def check_latent(model, samples: torch.Tensor) -> torch.Tensor:
+    import comfy.sample
+    fmt = model.get_model_object("latent_format")
+    fixed = comfy.sample.fix_empty_latent_channels(model, samples)
+    family = type(model.model).__name__
+    if fixed.shape[1] != fmt.latent_channels:
+        raise JobError(f"the LATENT has {samples.shape[1]} channels but this {family} model expects "
+                       f"{fmt.latent_channels}: use a latent made for this model (its Empty Latent node, or "
+                       f"VAE Encode with its VAE)")
+    want = fmt.latent_dimensions + 2
+    if fixed.dim() != want:
+        raise JobError(f"the LATENT has {fixed.dim() - 2} spatial dimensions but this {family} model expects "
+                       f"{fmt.latent_dimensions}: use a latent made for this model")
+    return fixed
+
+
+def prepare_comfy_job(world: int, model, positive, negative, latent: dict, *, seed: int, steps: int, cfg: float,
+                      sampler_name: str, scheduler: str, denoise: float = 1.0, split: dict | None = None,
+                      cfg_mode: dict | None = None, disable_noise: bool = False, start_step=None, last_step=None,
+                      force_full_denoise: bool = False, micro_batch_size: int = 1) -> tuple[dict, dict]:
+    split = split or {"strategy": "balanced", "manual": ""}
+    cfg_mode = cfg_mode or {"mode": "auto", "cfg_normalize": False}
+    mode = cfg_mode["mode"]
+    try:
+        profile = cb.model_profile(model.model.diffusion_model)
+        carry, tensors = cb.model_carry(model)
+        pos_meta, pos_t = cb.pack_conditioning("positive", positive)
+        neg_meta, neg_t = cb.pack_conditioning("negative", negative)
+    except cb.CarryError as e:
+        raise JobError(str(e)) from e
+    if cfg_mode.get("cfg_normalize"):
+        raise JobError("cfg_normalize is a diffusers-loop option; PP KSampler combines CFG with ComfyUI's own "
+                       "function: turn cfg_normalize off")
+    samples = check_latent(model, latent["samples"])
+    if mode == "off":
+        cfg = 1.0  # one branch: ComfyUI itself skips the uncond pass at cfg 1
+    do_cfg = cfg != 1.0
+    layout = choose_layout(world, mode, do_cfg)
+    try:
+        sp = split_blocks(split["strategy"], profile["num_blocks"], layout["pp"], costs=profile["costs"],
+                          block_bytes=profile["block_bytes"], first_bytes=profile["first_bytes"],
+                          last_bytes=profile["last_bytes"], manual=split.get("manual"))
+    except ValueError as e:
+        raise JobError(f"{e} ({profile['family']} has {profile['num_blocks']} blocks)") from e
+    job = {
+        "kind": "comfy_sample",
+        "model": weights_source(model),
+        "split": list(sp.counts), "layout": layout,
+        "micro_batch_size": int(micro_batch_size), "batched_cfg": mode == "batched",
+        "sampling": {"seed": int(seed), "steps": int(steps), "cfg": float(cfg), "sampler_name": sampler_name,
+                     "scheduler": scheduler, "denoise": float(denoise), "disable_noise": bool(disable_noise),
+                     "start_step": start_step, "last_step": last_step, "force_full_denoise": bool(force_full_denoise)},
+        "carry": carry,
+        "conditioning": {"positive": pos_meta, "negative": neg_meta},
+        "latent": {"batch_index": latent.get("batch_index")},
+        "family": profile["family"],
+    }
+    tensors.update(pos_t)
+    tensors.update(neg_t)
+    tensors["latent.samples"] = samples
+    if latent.get("noise_mask") is not None:
+        tensors["latent.noise_mask"] = latent["noise_mask"]
+    cb.json_roundtrip(job)
+    return job, tensors
+
