@@ -163,12 +163,12 @@ class PPKSampler:
     def sample(self, model, group, positive, negative, latent_image, seed, steps, cfg, sampler_name, scheduler,
                denoise, split=None, cfg_mode=None):
         workers = shared_group(group["devices"], extra_paths=[COMFY_ROOT])
-        job, tensors = prepare_comfy_job(workers.world, model, positive, negative, latent_image, seed=seed,
+        job, tensors, rank_tensors = prepare_comfy_job(workers.world, model, positive, negative, latent_image, seed=seed,
                                          steps=steps, cfg=cfg, sampler_name=sampler_name, scheduler=scheduler,
                                          denoise=denoise, split=split, cfg_mode=cfg_mode)
         preview = latent_preview.prepare_callback(model, steps)
         try:
-            result = workers.run(job, tensors, on_step=lambda i, n, x0: preview(i, x0, None, n),
+            result = workers.run(job, tensors, rank_tensors=rank_tensors, on_step=lambda i, n, x0: preview(i, x0, None, n),
                                  should_interrupt=comfy.model_management.processing_interrupted)
         except WorkerError as e:
             raise RuntimeError(f"PP KSampler: {e}") from None

@@ -134,10 +134,27 @@ def load_stage_weights(diffusion_model, path: str, file_prefix: str, prefixes: l
 _EXPORTS: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
 
 
-def export_weights(diffusion_model, folder: str | None = None) -> str:
-    """A MODEL already in memory (stock loader): its weights as one safetensors file that
-    the workers read stage by stage.  Written once per model object."""
+def unpatch_in_place(base) -> None:
+    """ComfyUI patches weights (LoRA) in place when it loads a MODEL for its own sampler;
+    unload every loaded MODEL on this BaseModel so its weights are the file's again.
+    (It also frees the device memory the ComfyUI process held for it.)"""
+    import comfy.model_management as mm
+    for i in range(len(mm.current_loaded_models) - 1, -1, -1):
+        lm = mm.current_loaded_models[i]
+        if lm.model is not None and lm.model.model is base:
+            lm.model_unload()
+            mm.current_loaded_models.pop(i)
+    if getattr(base, "current_weight_patches_uuid", None) is not None:
+        raise CarryError("the MODEL's weights are patched in place and cannot be read unpatched; "
+                         "load it again with Load Diffusion Model")
+
+
+def export_weights(base, folder: str | None = None) -> str:
+    """A MODEL already in memory (stock loader): its unpatched weights as one safetensors
+    file that the workers read stage by stage.  Written once per model object."""
     from safetensors.torch import save_file
+    unpatch_in_place(base)
+    diffusion_model = base.diffusion_model
     path = _EXPORTS.get(diffusion_model)
     if path and os.path.exists(path):
         return path
@@ -162,16 +179,13 @@ _KNOWN_OPTION_NODES = {
 
 
 def model_carry(model) -> tuple[dict, dict]:
-    """The parts of a ModelPatcher the workers must reproduce: (JSON, tensors).
+    """The parts of a ModelPatcher the workers must reproduce, besides weight patches
+    (``pack_weight_patches``): (JSON, tensors).
 
     Carried: the ``model_sampling`` object patch (ModelSamplingFlux, ModelSamplingSD3,
     ModelSamplingDiscrete, ...) and plain option flags.  Refused with the name of what
-    added them: weight patches (LoRA), other object patches, callable sampler options,
-    transformer patches.
+    added them: other object patches, callable sampler options, transformer patches.
     """
-    if getattr(model, "patches", None):
-        raise CarryError("the MODEL has weight patches (LoRA or similar, e.g. from LoraLoaderModelOnly); "
-                         "PP KSampler does not apply them yet: remove the LoRA node")
     others = [k for k in getattr(model, "object_patches", {}) if k != "model_sampling"]
     if others:
         raise CarryError(f"the MODEL has object patches {others} from a model-patch node; PP KSampler can carry "
@@ -220,6 +234,74 @@ def unpack_model_sampling(meta: dict, tensors: dict):
     for k, v in tensors.items():
         ms.register_buffer(k, v)
     return ms
+
+
+# -- weight patches (LoRA and friends) -----------------------------------------------------
+DM = "diffusion_model."
+
+
+def _pack_value(v, name, tensors):
+    if torch.is_tensor(v):
+        tensors[name] = v
+        return {"t": "tensor", "k": name}
+    if v is None or isinstance(v, (bool, int, float, str)):
+        return {"t": "value", "v": v}
+    if isinstance(v, (list, tuple)):
+        return {"t": "tuple" if isinstance(v, tuple) else "list",
+                "v": [_pack_value(e, f"{name}.{i}", tensors) for i, e in enumerate(v)]}
+    import comfy.weight_adapter as wa
+    if isinstance(v, wa.WeightAdapterBase) and type(v).__name__ in dir(wa):
+        return {"t": "adapter", "cls": type(v).__name__, "keys": sorted(v.loaded_keys),
+                "w": _pack_value(tuple(v.weights), f"{name}.w", tensors)}
+    raise CarryError(f"a weight patch holds {type(v).__name__}, which PP KSampler cannot carry")
+
+
+def _unpack_value(spec, tensors):
+    t = spec["t"]
+    if t == "tensor":
+        return tensors[spec["k"]]
+    if t == "value":
+        return spec["v"]
+    if t in ("tuple", "list"):
+        items = [_unpack_value(e, tensors) for e in spec["v"]]
+        return tuple(items) if t == "tuple" else items
+    import comfy.weight_adapter as wa
+    return getattr(wa, spec["cls"])(set(spec["keys"]), _unpack_value(spec["w"], tensors))
+
+
+def pack_weight_patches(model, stage_prefixes: list[list[str]]) -> tuple[dict, list[dict]]:
+    """The MODEL's weight patches (LoRA ...), cut by stage.
+
+    Returns (JSON per key, tensors per stage): stage ``s`` gets only the tensors of the
+    keys its weights live under, so each worker receives its own stage's patches only.
+    """
+    meta, per_stage = {}, [{} for _ in stage_prefixes]
+    for key, plist in model.patches.items():
+        if not key.startswith(DM):
+            continue
+        rel = key[len(DM):]
+        stage = next((i for i, pre in enumerate(stage_prefixes) if rel.startswith(tuple(pre))), None)
+        if stage is None:
+            raise CarryError(f"weight patch for '{key}' matches no stage")
+        entries = []
+        for j, (strength_patch, data, strength_model, offset, function) in enumerate(plist):
+            if function is not None:
+                raise CarryError(f"weight patch for '{key}' has a custom function; PP KSampler cannot carry it")
+            entries.append({"strength_patch": strength_patch, "strength_model": strength_model,
+                            "offset": offset, "data": _pack_value(data, f"wp.{key}.{j}", per_stage[stage])})
+        meta[key] = {"stage": stage, "entries": entries}
+    return meta, per_stage
+
+
+def unpack_weight_patches(meta: dict, tensors: dict, stage: int) -> dict:
+    """{key: [patch tuples]} for this stage, as ModelPatcher.patches holds them."""
+    out = {}
+    for key, spec in meta.items():
+        if spec["stage"] != stage:
+            continue
+        out[key] = [(e["strength_patch"], _unpack_value(e["data"], tensors), e["strength_model"],
+                     tuple(e["offset"]) if e["offset"] is not None else None, None) for e in spec["entries"]]
+    return out
 
 
 # -- conditioning ---------------------------------------------------------------------

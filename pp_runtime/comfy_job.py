@@ -12,6 +12,7 @@ import torch
 from . import comfy_bridge as cb
 from .jobs import JobError, choose_layout
 from .split import split_blocks
+from .topology import Topology
 
 
 def weights_source(model) -> dict:
@@ -20,7 +21,10 @@ def weights_source(model) -> dict:
     src = getattr(base, "pp_source", None)
     if src is not None:  # PP Load Diffusion Model: weights still on disk
         return dict(src)
-    path = cb.export_weights(base.diffusion_model)
+    try:
+        path = cb.export_weights(base)
+    except cb.CarryError as e:
+        raise JobError(str(e)) from e
     return {"path": path, "dtype": cb.dtype_name(base.get_dtype()),
             "manual_cast": cb.dtype_name(base.manual_cast_dtype)}
 
@@ -44,7 +48,8 @@ def check_latent(model, samples: torch.Tensor) -> torch.Tensor:
 def prepare_comfy_job(world: int, model, positive, negative, latent: dict, *, seed: int, steps: int, cfg: float,
                       sampler_name: str, scheduler: str, denoise: float = 1.0, split: dict | None = None,
                       cfg_mode: dict | None = None, disable_noise: bool = False, start_step=None, last_step=None,
-                      force_full_denoise: bool = False, micro_batch_size: int = 1) -> tuple[dict, dict]:
+                      force_full_denoise: bool = False, micro_batch_size: int = 1):
+    """-> (job, tensors for every rank, rank_tensors(rank): the tensors only that rank needs)."""
     split = split or {"strategy": "balanced", "manual": ""}
     cfg_mode = cfg_mode or {"mode": "auto", "cfg_normalize": False}
     mode = cfg_mode["mode"]
@@ -69,6 +74,14 @@ def prepare_comfy_job(world: int, model, positive, negative, latent: dict, *, se
                           last_bytes=profile["last_bytes"], manual=split.get("manual"))
     except ValueError as e:
         raise JobError(f"{e} ({profile['family']} has {profile['num_blocks']} blocks)") from e
+    adapter = cb.adapter_for(model.model.diffusion_model)
+    last = len(sp.counts) - 1
+    prefixes = [adapter.stage_prefixes(a, b, i == 0, i == last) for i, (a, b) in enumerate(sp.ranges)]
+    try:
+        patches, stage_tensors = cb.pack_weight_patches(model, prefixes)
+    except cb.CarryError as e:
+        raise JobError(str(e)) from e
+    topo = Topology.build(world, pp=layout["pp"], cfg=layout["cfg"])
     job = {
         "kind": "comfy_sample",
         "model": weights_source(model),
@@ -81,6 +94,9 @@ def prepare_comfy_job(world: int, model, positive, negative, latent: dict, *, se
         "conditioning": {"positive": pos_meta, "negative": neg_meta},
         "latent": {"batch_index": latent.get("batch_index")},
         "family": profile["family"],
+        # Weight patches (LoRA): JSON for all, tensors per stage; the id tells a worker
+        # whether the patches it applied last time are still the right ones.
+        "patches": patches, "patches_id": f"{getattr(model, 'patches_uuid', '')}" if patches else "",
     }
     tensors.update(pos_t)
     tensors.update(neg_t)
@@ -88,5 +104,5 @@ def prepare_comfy_job(world: int, model, positive, negative, latent: dict, *, se
     if latent.get("noise_mask") is not None:
         tensors["latent.noise_mask"] = latent["noise_mask"]
     cb.json_roundtrip(job)
-    return job, tensors
+    return job, tensors, lambda rank: stage_tensors[topo.coords_of(rank)["pp"]]
 

@@ -41,6 +41,33 @@ class ComfyStage:
         prefixes = self.adapter.stage_prefixes(start, end, topo.is_first, topo.is_last)
         self.bytes_read = cb.load_stage_weights(self.base.diffusion_model, spec["path"], prefix, prefixes, device)
         self.base.model_sampling.to(device)
+        self.device, self.stage = device, topo.pp_rank
+        self.backup: dict[str, torch.Tensor] = {}  # unpatched weights of the keys patched now
+        self.patches_id = ""
+
+    def apply_patches(self, job: dict, tensors: dict) -> bool:
+        """Weight patches (LoRA) for this stage's keys, with ComfyUI's own patch math.
+
+        The base weights stay in memory unpatched (``backup``), so a new LoRA or strength
+        re-patches from them: nothing is read from disk again.  Returns whether it patched.
+        """
+        if job.get("patches_id", "") == self.patches_id:
+            return False
+        import comfy.model_patcher
+        import comfy.utils
+        for key, weight in self.backup.items():
+            comfy.utils.set_attr_param(self.base, key, weight)
+        self.backup = {}
+        patches = cb.unpack_weight_patches(job.get("patches", {}), tensors, self.stage)
+        if patches:
+            patcher = comfy.model_patcher.ModelPatcher(self.base, load_device=self.device,
+                                                       offload_device=self.device)
+            patcher.patches = patches
+            for key in patches:
+                patcher.patch_weight_to_device(key, device_to=self.device)
+            self.backup = {k: v.weight for k, v in patcher.backup.items()}
+        self.patches_id = job.get("patches_id", "")
+        return True
 
 
 # -- pass inputs <-> one tensor dict ----------------------------------------------------

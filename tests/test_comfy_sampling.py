@@ -1,0 +1,143 @@
+"""Tier 2: ComfyUI's own samplers over the pipeline equal ComfyUI's stock sampling.
+
+No server: the stock path is ``comfy.sample.sample`` in this process (what the stock
+KSampler node calls); the PP path is the job PP KSampler builds, run by a real 2-process
+CPU worker group.  Every ``sampler_name`` and every ``scheduler`` of the stock KSampler,
+on a tiny random-weight Wan 2.1 file loaded by ComfyUI's own loader.  Tolerance 1e-4
+(fp32): the workers split cond/uncond into micro-batches and run 1 thread each, so CPU
+kernels may reduce in a different order than the batched stock call (seen: ~1e-5).
+"""
+import pytest
+import torch
+
+from comfy_env import require_comfy
+
+COMFY_ROOT = require_comfy()
+
+import comfy.sample  # noqa: E402
+import comfy.samplers  # noqa: E402
+import comfy.sd  # noqa: E402
+from make_models import cached_model_files  # noqa: E402
+
+from pp_runtime.comfy_job import prepare_comfy_job  # noqa: E402
+from pp_runtime.group import WorkerGroup  # noqa: E402
+from pp_runtime.jobs import JobError  # noqa: E402
+
+TOL = 1e-4
+
+
+@pytest.fixture(scope="module")
+def setup():
+    model = comfy.sd.load_diffusion_model(str(cached_model_files()["wan21_t2v"]))
+    g = torch.Generator().manual_seed(0)
+    pos = [[torch.randn(1, 6, 4096, generator=g), {}]]
+    neg = [[torch.randn(1, 6, 4096, generator=g), {}]]
+    group = WorkerGroup("cpu,cpu", extra_paths=[str(COMFY_ROOT)])
+    yield model, pos, neg, group
+    group.shutdown()
+
+
+def _compare(setup, latent, sampler, scheduler, steps=3, cfg=3.5, denoise=1.0, seed=3, **kw):
+    model, pos, neg, group = setup
+    noise = comfy.sample.prepare_noise(latent["samples"], seed)
+    ref = comfy.sample.sample(model, noise, steps, cfg, sampler, scheduler, pos, neg, latent["samples"],
+                              denoise=denoise, seed=seed, disable_pbar=True)
+    job, tensors, rank_tensors = prepare_comfy_job(group.world, model, pos, neg, latent, seed=seed, steps=steps,
+                                                   cfg=cfg, sampler_name=sampler, scheduler=scheduler,
+                                                   denoise=denoise, **kw)
+    steps_seen = []
+    res = group.run(job, tensors, rank_tensors=rank_tensors, on_step=lambda i, n, x0: steps_seen.append(i))
+    diff = (res["latents"] - ref).abs().max().item()
+    return diff, ref, steps_seen
+
+
+EMPTY = {"samples": torch.zeros(1, 16, 1, 8, 8)}
+
+
+@pytest.mark.parametrize("sampler", comfy.samplers.KSampler.SAMPLERS)
+def test_every_sampler(setup, sampler):
+    diff, ref, steps = _compare(setup, EMPTY, sampler, "simple")
+    print(f"{sampler}: max|diff| {diff:.2e}")
+    assert torch.isfinite(ref).all() and diff <= TOL and steps
+
+
+@pytest.mark.parametrize("scheduler", comfy.samplers.KSampler.SCHEDULERS)
+def test_every_scheduler(setup, scheduler):
+    diff, _, _ = _compare(setup, EMPTY, "euler", scheduler)
+    print(f"{scheduler}: max|diff| {diff:.2e}")
+    assert diff <= TOL
+
+
+def test_cfg1_batch2_denoise_on_non_empty_latent(setup):
+    g = torch.Generator().manual_seed(9)
+    latent = {"samples": torch.randn(2, 16, 1, 8, 8, generator=g)}
+    for cfg, denoise in ((1.0, 1.0), (3.5, 0.6)):
+        diff, _, steps = _compare(setup, latent, "dpmpp_2m", "karras", cfg=cfg, denoise=denoise)
+        print(f"cfg {cfg} denoise {denoise} batch 2: max|diff| {diff:.2e}")
+        assert diff <= TOL
+
+
+def test_model_sampling_patch_is_carried(setup):
+    """ModelSamplingSD3 (shift) changes the sigmas: the workers must see the same patch."""
+    from comfy_extras.nodes_model_advanced import ModelSamplingSD3
+    model, pos, neg, group = setup
+    patched = ModelSamplingSD3().patch(model, shift=8.0)[0]
+    diff, _, _ = _compare((patched, pos, neg, group), EMPTY, "euler", "simple")
+    plain, _, _ = _compare(setup, EMPTY, "euler", "simple")
+    assert diff <= TOL and plain <= TOL
+
+
+@pytest.mark.parametrize("patch,message", [
+    (lambda m: m.set_model_sampler_cfg_function(lambda args: args["cond"]), "option 'sampler_cfg_function'"),
+    (lambda m: m.add_patches({("diffusion_model.blocks.0.ffn.0.weight", None, lambda w: w): (torch.zeros(1),)}),
+     "custom function"),
+    (lambda m: m.set_model_attn1_patch(lambda *a: a), "transformer options"),
+])
+def test_uncarriable_model_patch_is_refused(setup, patch, message):
+    """What a model-patch node adds and PP KSampler cannot run is refused before any work."""
+    model, pos, neg, group = setup
+    m = model.clone()
+    patch(m)
+    with pytest.raises(JobError, match=message):
+        prepare_comfy_job(group.world, m, pos, neg, EMPTY, seed=0, steps=2, cfg=2.0, sampler_name="euler",
+                          scheduler="simple")
+
+
+def test_latent_for_another_model_is_refused(setup):
+    model, pos, neg, group = setup
+    with pytest.raises(JobError, match="LATENT has 4 channels but this WAN21 model expects 16"):
+        prepare_comfy_job(group.world, model, pos, neg, {"samples": torch.ones(1, 4, 1, 8, 8)}, seed=0, steps=2,
+                          cfg=2.0, sampler_name="euler", scheduler="simple")
+
+
+def _lora(model, seed=0, rank=4):
+    """A LoRA file's state dict for every attention projection of every block."""
+    g = torch.Generator().manual_seed(seed)
+    sd = {}
+    for name, p in model.model.diffusion_model.named_parameters():
+        if name.endswith(("self_attn.q.weight", "cross_attn.o.weight")):
+            base = "diffusion_model." + name[: -len(".weight")]
+            sd[f"{base}.lora_up.weight"] = torch.randn(p.shape[0], rank, generator=g) * 0.2
+            sd[f"{base}.lora_down.weight"] = torch.randn(rank, p.shape[1], generator=g) * 0.2
+            sd[f"{base}.alpha"] = torch.tensor(float(rank))
+    return sd
+
+
+def test_lora_on_the_workers_and_repatch_without_reload(setup):
+    """LoRA through the stock path (load_lora_for_models = LoraLoaderModelOnly): each worker
+    patches only its stage's keys; a new strength re-patches from weights in memory."""
+    model, pos, neg, group = setup
+    lora = _lora(model)
+    _compare(setup, EMPTY, "euler", "simple")  # the base model placed, no patches
+    results = []
+    for strength in (0.8, 0.4, None):
+        m = model if strength is None else comfy.sd.load_lora_for_models(model, None, lora, strength, 0)[0]
+        diff, ref, _ = _compare((m, pos, neg, group), EMPTY, "euler", "simple")
+        ranks = group.last_run["ranks"]
+        results.append(ref)
+        print(f"LoRA strength {strength}: max|diff| {diff:.2e}, patched {[r['patched'] for r in ranks]}, "
+              f"base bytes read {[r['bytes_read'] for r in ranks]}")
+        assert diff <= TOL
+        assert not any(r["loaded"] for r in ranks) and all(r["bytes_read"] == 0 for r in ranks)
+        assert all(r["patched"] for r in ranks)  # each change re-patched (or restored) every stage
+    assert (results[0] - results[2]).abs().max() > 1e-3  # the LoRA changed the result
