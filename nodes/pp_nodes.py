@@ -38,23 +38,31 @@ class PPWorkerGroup:
             "devices": ("STRING", {"default": "auto", "tooltip": "Devices, one worker each: 'auto' (every CUDA GPU), "
                                    "'cuda:0,cuda:1', or 'cpu,cpu' to try it without GPUs."}),
             "backend": (["local", "ray"], {"tooltip": "local: worker processes on this machine. "
-                                           "ray: actors on a Ray cluster (not in this version)."}),
+                                           "ray: one actor per device on a Ray cluster (needs Ray)."}),
         }, "optional": {
             "ray_address": ("STRING", {"default": "", "tooltip": "Ray cluster address, for backend 'ray'."}),
+            "residency": (["keep", "park", "release"], {"tooltip": "After each prompt: keep the model's stages "
+                          "on the devices (fastest next prompt), park them in host RAM (frees GPU memory, quick "
+                          "to bring back), or release them (frees everything; the next prompt loads again)."}),
         }}
 
     @classmethod
-    def VALIDATE_INPUTS(cls, devices, backend, ray_address=""):
-        if backend == "ray":
-            return "backend 'ray' is not available in this version: use 'local'"
+    def VALIDATE_INPUTS(cls, devices, backend, ray_address="", residency="keep"):
         try:
-            parse_devices(devices)
+            if backend == "ray":
+                from ..pp_runtime.backends.ray_backend import RAY_INSTALL_HINT, parse_ray_devices, ray_available
+                if not ray_available():
+                    return RAY_INSTALL_HINT
+                parse_ray_devices(devices)  # counted here, placed by Ray when the group starts
+            else:
+                parse_devices(devices)
         except ValueError as e:
             return str(e)
         return True
 
-    def make(self, devices, backend, ray_address=""):
-        return ({"devices": parse_devices(devices), "backend": backend},)
+    def make(self, devices, backend, ray_address="", residency="keep"):
+        return ({"devices": devices if backend == "ray" else parse_devices(devices), "backend": backend,
+                 "ray_address": ray_address or "", "residency": residency},)
 
 
 class PPStageSplit:
@@ -162,21 +170,63 @@ class PPKSampler:
 
     def sample(self, model, group, positive, negative, latent_image, seed, steps, cfg, sampler_name, scheduler,
                denoise, split=None, cfg_mode=None):
-        workers = shared_group(group["devices"], extra_paths=[COMFY_ROOT])
-        job, tensors, rank_tensors = prepare_comfy_job(workers.world, model, positive, negative, latent_image, seed=seed,
-                                         steps=steps, cfg=cfg, sampler_name=sampler_name, scheduler=scheduler,
-                                         denoise=denoise, split=split, cfg_mode=cfg_mode)
-        preview = latent_preview.prepare_callback(model, steps)
-        try:
-            result = workers.run(job, tensors, rank_tensors=rank_tensors, on_step=lambda i, n, x0: preview(i, x0, None, n),
-                                 should_interrupt=comfy.model_management.processing_interrupted)
-        except WorkerError as e:
-            raise RuntimeError(f"PP KSampler: {e}") from None
-        if result["interrupted"]:
-            raise comfy.model_management.InterruptProcessingException()
-        out = latent_image.copy()
-        out["samples"] = result["latents"]
-        return (out,)
+        return pp_sample(model, group, positive, negative, latent_image, seed=seed, steps=steps, cfg=cfg,
+                         sampler_name=sampler_name, scheduler=scheduler, denoise=denoise, split=split,
+                         cfg_mode=cfg_mode)
+
+
+class PPKSamplerAdvanced(PPKSampler):
+    DESCRIPTION = ("KSampler (Advanced) across several GPUs: start/end step, noise on or off, leftover noise, "
+                   "e.g. for Wan 2.2's high-noise then low-noise models on one worker group.")
+    FUNCTION = "sample_advanced"
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        base = PPKSampler.INPUT_TYPES()
+        req = base["required"]
+        return {"required": {
+            "model": req["model"], "group": req["group"],
+            "add_noise": (["enable", "disable"], {"tooltip": "Add the seed's noise to the latent first."}),
+            "noise_seed": req["seed"], "steps": req["steps"], "cfg": req["cfg"],
+            "sampler_name": req["sampler_name"], "scheduler": req["scheduler"],
+            "positive": req["positive"], "negative": req["negative"], "latent_image": req["latent_image"],
+            "start_at_step": ("INT", {"default": 0, "min": 0, "max": 10000, "tooltip": "First step to run."}),
+            "end_at_step": ("INT", {"default": 10000, "min": 0, "max": 10000, "tooltip": "Step to stop at."}),
+            "return_with_leftover_noise": (["disable", "enable"],
+                                           {"tooltip": "Keep the remaining noise (for a following sampler)."}),
+        }, "optional": base["optional"]}
+
+    def sample_advanced(self, model, group, add_noise, noise_seed, steps, cfg, sampler_name, scheduler, positive,
+                        negative, latent_image, start_at_step, end_at_step, return_with_leftover_noise,
+                        split=None, cfg_mode=None):
+        return pp_sample(model, group, positive, negative, latent_image, seed=noise_seed, steps=steps, cfg=cfg,
+                         sampler_name=sampler_name, scheduler=scheduler, denoise=1.0, split=split,
+                         cfg_mode=cfg_mode, disable_noise=add_noise == "disable", start_step=start_at_step,
+                         last_step=end_at_step, force_full_denoise=return_with_leftover_noise != "enable")
+
+
+def pp_sample(model, group, positive, negative, latent_image, **kw):
+    """What both PP samplers do: validate and describe the job, run it on the group with
+    ComfyUI's progress bar, preview and interrupt, return the LATENT."""
+    workers = shared_group(group["devices"], extra_paths=[COMFY_ROOT], backend=group.get("backend", "local"),
+                           ray_address=group.get("ray_address", ""))
+    try:
+        job, tensors, rank_tensors = prepare_comfy_job(workers.world, model, positive, negative, latent_image, **kw)
+    except JobError as e:  # bad input: a plain error whose message says what to change
+        raise ValueError(str(e)) from None
+    job["residency"] = group.get("residency", "keep")
+    preview = latent_preview.prepare_callback(model, kw["steps"])
+    try:
+        result = workers.run(job, tensors, rank_tensors=rank_tensors,
+                             on_step=lambda i, n, x0: preview(i, x0, None, n),
+                             should_interrupt=comfy.model_management.processing_interrupted)
+    except WorkerError as e:
+        raise RuntimeError(f"PP KSampler: {e}") from None
+    if result["interrupted"]:
+        raise comfy.model_management.InterruptProcessingException()
+    out = latent_image.copy()
+    out["samples"] = result["latents"]
+    return (out,)
 
 
 NODE_CLASS_MAPPINGS = {
@@ -185,6 +235,7 @@ NODE_CLASS_MAPPINGS = {
     "PPCFGMode": PPCFGMode,
     "PPLoadDiffusionModel": PPLoadDiffusionModel,
     "PPKSampler": PPKSampler,
+    "PPKSamplerAdvanced": PPKSamplerAdvanced,
 }
 NODE_DISPLAY_NAME_MAPPINGS = {
     "PPWorkerGroup": "PP Worker Group",
@@ -192,4 +243,5 @@ NODE_DISPLAY_NAME_MAPPINGS = {
     "PPCFGMode": "PP CFG Mode",
     "PPLoadDiffusionModel": "PP Load Diffusion Model",
     "PPKSampler": "PP KSampler",
+    "PPKSamplerAdvanced": "PP KSampler (Advanced)",
 }

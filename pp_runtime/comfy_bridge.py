@@ -17,6 +17,7 @@ import atexit
 import json
 import os
 import shutil
+import struct
 import tempfile
 import uuid
 import weakref
@@ -112,21 +113,38 @@ def meta_base_model(path: str, dtype, manual_cast):
     return base, prefix
 
 
+def read_tensors(path: str, keys: list[str]):
+    """Yield (key, CPU tensor) for ``keys`` of a safetensors file, read with plain file reads
+    into fresh buffers: no memory map, so host RAM holds only what is being loaded."""
+    with open(path, "rb") as f:
+        (n,) = struct.unpack("<Q", f.read(8))
+        header = json.loads(f.read(n))
+        for key in keys:
+            info = header[key]
+            begin, end = info["data_offsets"]
+            buf = torch.empty(end - begin, dtype=torch.uint8)
+            f.seek(8 + n + begin)
+            if f.readinto(buf.numpy()) != end - begin:
+                raise CarryError(f"{os.path.basename(path)} ends inside tensor '{key}'")
+            yield key, buf.view(_DTYPES[info["dtype"]]).reshape(info["shape"])
+
+
 def load_stage_weights(diffusion_model, path: str, file_prefix: str, prefixes: list[str], device) -> int:
-    """Read only this stage's tensors from the file into the meta model; returns bytes read."""
-    from safetensors import safe_open
+    """Read only this stage's tensors from the file into the meta model, converted to the
+    dtype the stock loader would use, one tensor at a time onto ``device``; returns the
+    bytes read."""
     wanted = {n: p for n, p in list(diffusion_model.named_parameters()) + list(diffusion_model.named_buffers())
               if n.startswith(tuple(prefixes))}
+    keys = set(header_state_dict(path))
+    missing = [file_prefix + n for n in wanted if file_prefix + n not in keys]
+    if missing:
+        raise CarryError(f"{os.path.basename(path)} has no tensor {missing[0]!r} (and {len(missing) - 1} more) "
+                         f"for this stage")
     sd, nbytes = {}, 0
-    with safe_open(path, framework="pt", device="cpu") as f:
-        keys = set(f.keys())
-        for name, p in wanted.items():
-            key = file_prefix + name
-            if key not in keys:
-                raise CarryError(f"{os.path.basename(path)} has no tensor '{key}' for this stage")
-            t = f.get_tensor(key)
-            nbytes += t.numel() * t.element_size()
-            sd[name] = t.to(device=device, dtype=p.dtype)
+    for key, t in read_tensors(path, [file_prefix + n for n in wanted]):
+        name = key[len(file_prefix):]
+        nbytes += t.numel() * t.element_size()
+        sd[name] = t.to(device=device, dtype=wanted[name].dtype)
     diffusion_model.load_state_dict(sd, strict=False, assign=True)
     return nbytes
 

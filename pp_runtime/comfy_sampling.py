@@ -33,6 +33,7 @@ class ComfyStage:
     """ComfyUI's model for this rank: meta everywhere except this stage's weights."""
 
     def __init__(self, spec: dict, counts: list[int], topo, device):
+        hwm0 = _peak_rss()
         start, end = Split(tuple(counts)).ranges[topo.pp_rank]
         self.range = (start, end)
         self.dtype = cb.dtype_of(spec["dtype"])
@@ -41,9 +42,26 @@ class ComfyStage:
         prefixes = self.adapter.stage_prefixes(start, end, topo.is_first, topo.is_last)
         self.bytes_read = cb.load_stage_weights(self.base.diffusion_model, spec["path"], prefix, prefixes, device)
         self.base.model_sampling.to(device)
+        # What placing this stage cost in host RAM at its peak (measured, for the tests and the panel).
+        self.load_peak_growth = _peak_rss() - hwm0
         self.device, self.stage = device, topo.pp_rank
+        self.where = torch.device(device)
         self.backup: dict[str, torch.Tensor] = {}  # unpatched weights of the keys patched now
         self.patches_id = ""
+
+    @property
+    def parked(self) -> bool:
+        return self.where.type != self.device.type
+
+    def to(self, where: torch.device) -> None:
+        """Move this stage's weights (only those: the rest of the model is meta) to ``where``:
+        host RAM to park them, the device to use them again."""
+        import comfy.utils
+        tensors = [(n, p) for n, p in self.base.named_parameters() if not p.is_meta]
+        for name, p in tensors:
+            comfy.utils.set_attr_param(self.base, name, p.data.to(where))
+        self.backup = {k: v.to(where) for k, v in self.backup.items()}
+        self.where = torch.device(where)
 
     def apply_patches(self, job: dict, tensors: dict) -> bool:
         """Weight patches (LoRA) for this stage's keys, with ComfyUI's own patch math.
@@ -68,6 +86,15 @@ class ComfyStage:
             self.backup = {k: v.weight for k, v in patcher.backup.items()}
         self.patches_id = job.get("patches_id", "")
         return True
+
+
+def _peak_rss() -> int:
+    """This process's peak resident set (VmHWM), in bytes; 0 where /proc is absent."""
+    try:
+        with open("/proc/self/status") as f:
+            return next(int(line.split()[1]) * 1024 for line in f if line.startswith("VmHWM:"))
+    except (OSError, StopIteration):
+        return 0
 
 
 # -- pass inputs <-> one tensor dict ----------------------------------------------------

@@ -1,5 +1,13 @@
 """The persistent worker group, host side (the ComfyUI process or a test).
 
+``WorkerGroup`` is the local backend and holds everything that does not depend on where
+the workers run: the job loop, message dispatch, streaming, interrupt, status and
+failure handling.  A backend changes only how workers are launched, watched and torn
+down (``_launch``, ``_check_alive``, ``_first_dead``, ``_cause``, ``_kill``,
+``_wait_exit``, ``alive``, ``pids``); the Ray backend (``backends/ray_backend.py``) is a
+subclass.  Workers of every backend run the same ``pp_runtime.worker.Worker`` loop over a
+transport with ``send_bytes``/``recv_bytes``.
+
 One worker process per device, started as ``python -m pp_runtime.worker`` with an
 explicit environment.  Control runs over a loopback listener authenticated with a random
 key per group (given to each worker on its stdin, never on the command line);
@@ -34,9 +42,10 @@ PACKAGE_PARENT = str(Path(__file__).resolve().parent.parent)
 
 
 class WorkerError(RuntimeError):
-    def __init__(self, rank: int, device: str, cause: str):
-        super().__init__(f"pipeline worker rank {rank} ({device}) failed: {cause}")
-        self.rank, self.device, self.cause = rank, device, cause
+    def __init__(self, rank: int, device: str, cause: str, node: str | None = None):
+        where = f"rank {rank} on node {node} ({device})" if node else f"rank {rank} ({device})"
+        super().__init__(f"pipeline worker {where} failed: {cause}")
+        self.rank, self.device, self.cause, self.node = rank, device, cause, node
 
 
 class Interrupted(RuntimeError):
@@ -101,14 +110,18 @@ def worker_env(device: str, world: int, extra_paths=(), cpu_threads: int | None 
 
 
 class WorkerGroup:
+    backend = "local"
+    parse = staticmethod(parse_devices)  # a backend's own device spec
+
     def __init__(self, devices, startup_timeout: float = 180.0, extra_paths=(), cpu_threads: int | None = None):
-        self.devices = parse_devices(devices)
+        self.devices = self.parse(devices)
         self.world = len(self.devices)
         self.startup_timeout = startup_timeout
         self.extra_paths = list(extra_paths)
         self.cpu_threads = cpu_threads
         self.state = "not started"
         self.failure: str | None = None
+        self.progress: tuple[int, int | None] | None = None  # (steps done, total) while a job runs
         self.procs: list[subprocess.Popen] = []
         self.conns: list = []
         self.info: list[dict] = []
@@ -123,6 +136,24 @@ class WorkerGroup:
             return self
         self.state, self.failure = "starting", None
         self._inbox = queue.Queue()  # a new group never sees a message of the old one
+        try:
+            self._launch()
+        except BaseException:
+            self._kill()
+            self.state = "failed"
+            raise
+        self.state = "idle"
+        return self
+
+    def _error(self, rank: int, cause: str) -> WorkerError:
+        return WorkerError(rank, self.devices[rank], cause, node=self._node(rank))
+
+    def _node(self, rank: int) -> str | None:
+        """The machine a rank runs on, where the backend spans several (None: this one)."""
+        return None
+
+    def _launch(self) -> None:
+        """Start the workers; fill ``conns`` and ``info`` and start a ``_read`` thread per rank."""
         key = secrets.token_bytes(32)
         listener = Listener(("127.0.0.1", 0), authkey=key)
         port = listener.address[1]
@@ -143,14 +174,8 @@ class WorkerGroup:
                 proc.stdin.close()
                 self.procs.append(proc)
             self._accept(listener)
-        except BaseException:
-            self._kill()
-            self.state = "failed"
-            raise
         finally:
             listener.close()
-        self.state = "idle"
-        return self
 
     def _accept(self, listener):
         accepted: queue.Queue = queue.Queue()
@@ -167,7 +192,7 @@ class WorkerGroup:
         while pending:
             self._check_alive(starting=True)
             if time.monotonic() > deadline:
-                raise WorkerError(min(pending), self.devices[min(pending)],
+                raise self._error(min(pending),
                                   f"did not start within {self.startup_timeout:.0f} s")
             try:
                 conn = accepted.get(timeout=0.1)
@@ -178,7 +203,7 @@ class WorkerGroup:
             while not conn.poll(0.1):  # 'ready' comes after torch.distributed is up
                 self._check_alive(starting=True)
                 if time.monotonic() > deadline:
-                    raise WorkerError(min(pending), self.devices[min(pending)], "did not join the group in time")
+                    raise self._error(min(pending), "did not join the group in time")
             msg, _ = wire.recv(conn)
             rank = msg["rank"]
             self.conns[rank], self.info[rank] = conn, msg
@@ -224,7 +249,7 @@ class WorkerGroup:
             if p.poll() is not None:
                 cause = self._cause(rank)
                 self._fail(rank, cause)
-                raise WorkerError(rank, self.devices[rank], cause)
+                raise self._error(rank, cause)
 
     def _fail(self, rank, cause):
         self.failure = f"rank {rank} ({self.devices[rank]}): {cause}"
@@ -254,30 +279,41 @@ class WorkerGroup:
                     wire.send(c, {"op": "shutdown"})
                 except OSError:
                     pass
-            deadline = time.monotonic() + timeout
-            for p in self.procs:
-                try:
-                    p.wait(timeout=max(0.1, deadline - time.monotonic()))
-                except subprocess.TimeoutExpired:
-                    pass
+            self._wait_exit(timeout)
         self._kill()
         self.state = "stopped"
         if getattr(self, "logdir", None) is not None:
             shutil.rmtree(self.logdir, ignore_errors=True)
+
+    def _wait_exit(self, timeout: float) -> None:
+        """After 'shutdown' went out: wait up to ``timeout`` s for the workers to leave."""
+        deadline = time.monotonic() + timeout
+        for p in self.procs:
+            try:
+                p.wait(timeout=max(0.1, deadline - time.monotonic()))
+            except subprocess.TimeoutExpired:
+                pass
 
     def status(self) -> dict:
         """JSON-able state for the ComfyUI frontend and tests."""
         last = getattr(self, "last_run", None) or {}
         ranks = []
         for r, dev in enumerate(self.devices):
-            info = (self.info[r] if r < len(self.info) and self.info[r] else {}) if self.procs else {}
+            info = (self.info[r] if r < len(self.info) and self.info[r] else {}) if self._started() else {}
             done = (last.get("ranks") or [None] * self.world)[r] or {}
-            ranks.append({"rank": r, "device": dev, "name": info.get("name"),
+            ranks.append({"rank": r, "device": dev, "name": info.get("name"), "node": info.get("node"),
                           "pid": info.get("pid") if self.alive else None,
-                          "stage": done.get("stage"), "pp_rank": done.get("pp_rank"), "cfg_rank": done.get("cfg_rank")})
-        return {"devices": self.devices, "backend": "local", "state": self.state, "failure": self.failure,
+                          "stage": done.get("stage"), "pp_rank": done.get("pp_rank"), "cfg_rank": done.get("cfg_rank"),
+                          "mem": done.get("mem") or info.get("mem"), "seconds": done.get("seconds"),
+                          "loaded": done.get("loaded")})
+        step, total = self.progress if self.state == "running" and self.progress else (None, None)
+        return {"devices": self.devices, "backend": self.backend, "state": self.state, "failure": self.failure,
                 "layout": last.get("layout"), "split": last.get("split"), "model": last.get("family"),
+                "progress": {"step": step, "total": total} if step is not None else None,
                 "ranks": ranks}
+
+    def _started(self) -> bool:
+        return bool(self.procs)
 
     @property
     def alive(self) -> bool:
@@ -322,18 +358,19 @@ class WorkerGroup:
                 time.sleep(0.2)  # let the exit status settle
                 cause = self._cause(rank)
                 self._fail(rank, cause)
-                raise WorkerError(rank, self.devices[rank], cause)
+                raise self._error(rank, cause)
             if msg["op"] == "error":
                 rank, cause = msg["rank"], msg["error"] + "\n" + msg.get("traceback", "")
                 dead = self._first_dead(grace=1.0)  # a peer's death surfaces as a comm error here
                 if dead is not None and dead != rank:
                     rank, cause = dead, self._cause(dead) + f" (rank {msg['rank']} then saw: {msg['error']})"
                 self._fail(rank, cause.splitlines()[0])
-                raise WorkerError(rank, self.devices[rank], cause)
+                raise self._error(rank, cause)
             if msg.get("job") == job_id:
                 return msg, tensors
 
-    def run(self, job: dict, tensors: dict | None = None, on_step=None, should_interrupt=None) -> dict:
+    def run(self, job: dict, tensors: dict | None = None, on_step=None, should_interrupt=None,
+            rank_tensors=None) -> dict:
         """Run one job on every rank; stream steps to ``on_step(step, total, latents)``.
 
         Returns {"latents", "interrupted", "ranks": per-rank done messages, "spans"}.
@@ -342,10 +379,12 @@ class WorkerGroup:
         if self.state not in ("idle",):
             self.start()
         with self._lock:
-            self.state = "running"
+            self.state, self.progress = "running", (0, None)
             job_id = f"job{next(self._ids)}"
             ranks, spans, result, interrupt_sent, raised = {}, [], None, False, None
-            self._broadcast({"op": "run", "job": job_id, "job_spec": job}, tensors)
+            for r in range(self.world):  # rank_tensors(r): what only rank r needs (its stage's patches)
+                extra = rank_tensors(r) if rank_tensors is not None else {}
+                self._broadcast({"op": "run", "job": job_id, "job_spec": job}, {**(tensors or {}), **extra}, [r])
             while len(ranks) < self.world:
                 if not interrupt_sent and (raised is not None or (should_interrupt is not None and should_interrupt())):
                     self.interrupt(job_id)
@@ -353,6 +392,8 @@ class WorkerGroup:
                 msg, t = self._next(job_id)
                 if msg is None:
                     continue
+                if msg["op"] == "step":
+                    self.progress = (msg["step"] + 1, msg["total"])
                 if msg["op"] == "step" and on_step is not None and raised is None:
                     try:
                         on_step(msg["step"], msg["total"], t.get("latents"))
@@ -368,7 +409,8 @@ class WorkerGroup:
                         result = t["latents"]
             self.state = "idle"
         self.last_run = {"ranks": [ranks[r] for r in range(self.world)], "spans": spans,
-                         "layout": job.get("layout"), "split": job.get("split"), "family": job.get("family")}
+                         "layout": job.get("layout"), "split": job.get("split"), "family": job.get("family"),
+                         "model": job.get("model"), "finished": time.time()}
         if raised is not None:
             raise raised
         return {"latents": result, "interrupted": any(r["interrupted"] for r in ranks.values()),
@@ -379,12 +421,22 @@ class WorkerGroup:
 _SHARED: dict[tuple, WorkerGroup] = {}
 
 
-def shared_group(devices, extra_paths=()) -> WorkerGroup:
-    """The one group for these devices (started on first use, kept across prompts)."""
-    key = tuple(parse_devices(devices))
+def shared_group(devices, extra_paths=(), backend: str = "local", ray_address: str = "") -> WorkerGroup:
+    """The one group for these devices on this backend (started on first use, kept across
+    prompts).  ``backend='ray'``: actors on the Ray cluster at ``ray_address`` (needs Ray)."""
+    backend = (backend or "local").strip().lower()
+    if backend == "local":
+        key = ("local", tuple(parse_devices(devices)))
+        make = lambda: WorkerGroup(list(key[1]), extra_paths=extra_paths)  # noqa: E731
+    elif backend == "ray":
+        from .backends.ray_backend import RayWorkerGroup, normalize_address, parse_ray_devices
+        key = ("ray", normalize_address(ray_address), parse_ray_devices(devices))
+        make = lambda: RayWorkerGroup(devices, ray_address=ray_address, extra_paths=extra_paths)  # noqa: E731
+    else:
+        raise ValueError(f"backend '{backend}' is unknown; use 'local' or 'ray'")
     group = _SHARED.get(key)
     if group is None or group.state == "stopped":
-        group = _SHARED[key] = WorkerGroup(list(key), extra_paths=extra_paths)
+        group = _SHARED[key] = make()
     return group
 
 
@@ -394,7 +446,10 @@ def shared_groups() -> list[WorkerGroup]:
 
 def shutdown_all() -> None:
     for g in _SHARED.values():
-        g.shutdown()
+        try:
+            g.shutdown()
+        except Exception:  # at exit a backend's runtime (Ray) may already be gone
+            pass
 
 
 atexit.register(shutdown_all)

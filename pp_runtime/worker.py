@@ -6,10 +6,18 @@ joins torch.distributed, then serves jobs until told to stop.  A reader thread t
 interrupts while a job runs; if the host goes away the worker exits (no orphans).  Any
 error in a job is reported with this rank and its traceback, then the worker exits: the
 other ranks may be mid-communication, so the host tears the whole group down.
+
+The control transport is anything with ``send_bytes(b)`` / ``recv_bytes()`` / ``close()``
+(``recv_bytes`` raising ``EOFError``/``OSError`` once the host is gone): here a
+``multiprocessing`` Connection; on Ray (``backends/ray_actor.py``) a channel made of
+actor methods, which also offers ``flush(timeout)`` so that a worker's last message (its
+error report) reaches the host before the process exits.
 """
 from __future__ import annotations
 
 import argparse
+import gc
+import json
 import os
 import queue
 import sys
@@ -32,26 +40,52 @@ from .pipeline import PPDenoiser
 
 class Worker:
     def __init__(self, rank: int, world: int, device: torch.device, conn):
+        """``conn``: the control transport (``send_bytes``/``recv_bytes``/``close``)."""
         self.rank, self.world, self.device, self.conn = rank, world, device, conn
         self.inbox: queue.Queue = queue.Queue()
         self.interrupt_job: str | None = None
         self.current_job: str | None = None
         self.placed: dict[str, tuple] = {}  # placement key -> (model, stage range)
         self.handlers = {"run": self.run_job, "release": self.release}
+        self._send_lock = threading.Lock()
+        self._steps: queue.Queue = queue.Queue()
+        threading.Thread(target=self._stream, daemon=True).start()
 
     def read_control(self):
         while True:
             try:
                 msg, tensors = wire.recv(self.conn)
             except (EOFError, OSError):
-                os._exit(0)  # the host is gone: never outlive it
+                self.exit(0)  # the host is gone: never outlive it
             if msg["op"] == "interrupt":
                 self.interrupt_job = msg.get("job")
             else:
                 self.inbox.put((msg, tensors))
 
     def send(self, msg, tensors=None):
-        wire.send(self.conn, {"rank": self.rank, **msg}, tensors)
+        with self._send_lock:  # the main thread and the step streamer both send
+            wire.send(self.conn, {"rank": self.rank, **msg}, tensors)
+
+    def stream_step(self, msg: dict, latents: torch.Tensor) -> None:
+        """Send a step's latents to the host without stalling the device: a non-blocking
+        copy into pinned host memory, sent by the streamer thread once the copy is done.
+        (A plain ``.cpu()`` here would make every step wait for the GPU to drain.)"""
+        if latents.is_cuda:
+            host = torch.empty(latents.shape, dtype=latents.dtype, pin_memory=True)
+            host.copy_(latents, non_blocking=True)
+            done = torch.cuda.Event()
+            done.record()
+        else:
+            host, done = latents.clone(), None  # the sampler may update it in place
+        self._steps.put((msg, host, done))
+
+    def _stream(self):
+        while True:
+            msg, host, done = self._steps.get()
+            if done is not None:
+                done.synchronize()
+            self.send(msg, {"latents": host})
+            self._steps.task_done()
 
     def serve(self):
         threading.Thread(target=self.read_control, daemon=True).start()
@@ -65,8 +99,19 @@ class Worker:
             except Exception as e:  # report, then leave: the group is torn down
                 self.send({"op": "error", "job": msg.get("job"), "error": f"{type(e).__name__}: {e}",
                            "traceback": traceback.format_exc()})
-                sys.stdout.flush()
-                os._exit(1)
+                self.exit(1)
+
+    def exit(self, code: int):
+        """Leave the process now (other threads may be stuck in a collective)."""
+        flush = getattr(self.conn, "flush", None)  # a transport that buffers: let the host take it all
+        if flush is not None:
+            try:
+                flush(5.0)
+            except Exception:
+                pass
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(code)
 
     def release(self, msg, tensors):
         self.placed.clear()
@@ -74,11 +119,20 @@ class Worker:
             torch.cuda.empty_cache()
         self.send({"op": "released", "job": msg.get("job")})
 
+    MAX_PLACED = 2  # models kept placed at once (e.g. Wan 2.2's high- and low-noise models)
+
     def _place(self, job, ctx):
         key = placement_key(job)
         loaded = key not in self.placed
         if loaded:
-            self.placed.clear()  # one placed model per group for now
+            # The same model under another split or layout is of no further use; beyond
+            # that, the least recently used model goes first.
+            same_model = json.dumps(job["model"], sort_keys=True)
+            for k in [k for k in self.placed if json.loads(k)[0] == json.loads(same_model)]:
+                self.placed.pop(k)
+            while len(self.placed) >= self.MAX_PLACED:
+                self.placed.pop(next(iter(self.placed)))
+            gc.collect()  # a model caught in a reference cycle would otherwise keep its memory
             if self.device.type == "cuda":
                 torch.cuda.empty_cache()
             t0 = time.perf_counter()
@@ -88,29 +142,47 @@ class Worker:
             else:
                 placed = build_stage(job["model"], job["split"], ctx.topo.pp_rank, self.device)
             self.placed[key] = (placed, time.perf_counter() - t0)
+        self.placed[key] = self.placed.pop(key)  # most recently used last
         placed, load_s = self.placed[key]
+        if getattr(placed, "parked", False):
+            placed.to(self.device)
         return placed, loaded, load_s
+
+    def _after(self, job):
+        """Residency after a job: keep the stage placed, park it in host RAM, or release it."""
+        policy = job.get("residency", "keep")
+        key = placement_key(job)
+        if policy == "release":
+            self.placed.pop(key, None)
+        elif policy == "park" and hasattr(self.placed.get(key, (None,))[0], "to"):
+            self.placed[key][0].to(torch.device("cpu"))
+        if policy != "keep" and self.device.type == "cuda":
+            torch.cuda.empty_cache()
 
     def run_job(self, msg, tensors):
         job = msg["job_spec"]
         if job["kind"] == "comfy_sample":
             import_comfy(self.device)
         ctx = PPContext.for_layout(job["layout"]["pp"], job["layout"]["cfg"], self.device)
+        if self.device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(self.device)  # 'peak' in the done message: this job's
         placed, loaded, load_s = self._place(job, ctx)
         run = self.run_comfy if job["kind"] == "comfy_sample" else self.run_denoise
         with torch.inference_mode():
             run(msg, tensors, ctx, placed, {"loaded": loaded, "load_seconds": load_s})
+        self._after(job)
 
     def run_comfy(self, msg, tensors, ctx, stage, info):
         from .comfy_sampling import ComfyPipelineRunner, sample_on_last_rank
         job, job_id = msg["job_spec"], msg["job"]
         topo = ctx.topo
         t_start = time.perf_counter()
+        patched = stage.apply_patches(job, tensors)
         runner = ComfyPipelineRunner(ctx, stage, job.get("micro_batch_size", 1), job.get("batched_cfg", False))
 
         def on_step(i, total, x0):
             if topo.is_output_rank:
-                self.send({"op": "step", "job": job_id, "step": i, "total": total}, {"latents": x0})
+                self.stream_step({"op": "step", "job": job_id, "step": i, "total": total}, x0)
 
         result, interrupted = None, False
         if topo.is_last:
@@ -124,8 +196,11 @@ class Worker:
         done = {"op": "done", "job": job_id, "interrupted": interrupted, **info,
                 "seconds": time.perf_counter() - t_start, "spans": runner.timeline.take(wait=True),
                 "stage": list(stage.range), "pp_rank": topo.pp_rank, "cfg_rank": topo.cfg_rank,
-                "passes": runner.passes}
+                "passes": runner.passes, "patched": patched,
+                "bytes_read": stage.bytes_read if info["loaded"] else 0,
+                "load_peak_growth": stage.load_peak_growth if info["loaded"] else 0, "mem": mem_info(self.device), "clock0_ms": runner.timeline._t0 * 1e3}
         out = {"latents": result} if topo.is_output_rank and result is not None else None
+        self._steps.join()  # every step message before 'done'
         self.send(done, out)
 
     def run_denoise(self, msg, tensors, ctx, placed, info):
@@ -142,7 +217,7 @@ class Worker:
 
         def on_step(i, total, latents):
             if topo.is_output_rank:
-                self.send({"op": "step", "job": job_id, "step": i, "total": total}, {"latents": latents})
+                self.stream_step({"op": "step", "job": job_id, "step": i, "total": total}, latents)
             self.send({"op": "timings", "job": job_id, "spans": denoiser.timeline.take()})
 
         result, interrupted = None, False
@@ -154,9 +229,32 @@ class Worker:
         done = {"op": "done", "job": job_id, "interrupted": interrupted, **info,
                 "seconds": time.perf_counter() - t_start, "spans": spans,
                 "stage": list(rng), "pp_rank": topo.pp_rank, "cfg_rank": topo.cfg_rank,
-                "schemas_sent": (ctx.p2p.schemas_sent if ctx.p2p else 0) - schemas_before}
+                "schemas_sent": (ctx.p2p.schemas_sent if ctx.p2p else 0) - schemas_before,
+                "mem": mem_info(self.device), "clock0_ms": denoiser.timeline._t0 * 1e3}
         out = {"latents": result} if topo.is_output_rank and result is not None else None
+        self._steps.join()  # every step message before 'done'
         self.send(done, out)
+
+
+def mem_info(device: torch.device) -> dict:
+    """Memory of this worker's device, in bytes (for the web panel).  CUDA: the whole
+    device's used/total and this process's peak allocation; CPU: this process's resident
+    set (and its peak) against the machine's RAM."""
+    if device.type == "cuda":
+        free, total = torch.cuda.mem_get_info(device)
+        return {"kind": "cuda", "used": total - free, "total": total,
+                "allocated": torch.cuda.memory_allocated(device), "peak": torch.cuda.max_memory_allocated(device)}
+    out = {"kind": "cpu", "used": None, "total": None, "peak": None}
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith(("VmRSS:", "VmHWM:")):
+                    out["used" if line.startswith("VmRSS") else "peak"] = int(line.split()[1]) * 1024
+        with open("/proc/meminfo") as f:
+            out["total"] = int(f.readline().split()[1]) * 1024  # MemTotal
+    except (OSError, ValueError, IndexError):
+        pass
+    return out
 
 
 def import_comfy(device: torch.device) -> None:
@@ -164,7 +262,31 @@ def import_comfy(device: torch.device) -> None:
     if "comfy.model_management" not in sys.modules:
         from comfy.cli_args import args
         args.cpu = device.type == "cpu"
+        # All of ComfyUI's model code a worker uses, imported up front: a stage's placement
+        # then measures the stage, not the interpreter loading modules.
+        import comfy.model_base  # noqa: F401
+        import comfy.model_detection  # noqa: F401
         import comfy.model_management  # noqa: F401
+        import comfy.model_patcher  # noqa: F401
+        import comfy.sample  # noqa: F401
+        import comfy.samplers  # noqa: F401
+
+        from .comfy_sampling import ComfyStage  # noqa: F401  (and the adapters it imports)
+        from .models import flux, wan  # noqa: F401
+
+
+def join_group(rank: int, world: int, device: torch.device, init_method: str, timeout: float) -> dict:
+    """torch.distributed for this rank (NCCL on a GPU, gloo on the CPU); returns the 'ready'
+    message for the host.  Shared by the local worker process and the Ray actor."""
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+    backend = "nccl" if device.type == "cuda" else "gloo"
+    kw = {"device_id": device} if backend == "nccl" else {}
+    dist.init_process_group(backend, init_method=init_method, rank=rank, world_size=world,
+                            timeout=timedelta(seconds=timeout), **kw)
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
+    return {"op": "ready", "rank": rank, "pid": os.getpid(), "device": str(device), "name": name,
+            "mem": mem_info(device)}
 
 
 def main(argv=None):
@@ -179,14 +301,7 @@ def main(argv=None):
     key = bytes.fromhex(sys.stdin.readline().strip())
     conn = Client(("127.0.0.1", args.control_port), authkey=key)
     device = torch.device(args.device)
-    if device.type == "cuda":
-        torch.cuda.set_device(device)
-    backend = "nccl" if device.type == "cuda" else "gloo"
-    kw = {"device_id": device} if backend == "nccl" else {}
-    dist.init_process_group(backend, init_method=f"file://{args.store}", rank=args.rank,
-                            world_size=args.world, timeout=timedelta(seconds=args.timeout), **kw)
-    name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
-    wire.send(conn, {"op": "ready", "rank": args.rank, "pid": os.getpid(), "device": str(device), "name": name})
+    wire.send(conn, join_group(args.rank, args.world, device, f"file://{args.store}", args.timeout))
     try:
         Worker(args.rank, args.world, device, conn).serve()
     finally:

@@ -9,7 +9,7 @@ leaves room for kernels whose reduction order depends on the batch of a micro-ba
 import pytest
 import torch
 
-from tests.engine_util import DIT, TOY, as_tensors, conditioning, run_parity
+from engine_util import DIT, TOY, as_tensors, conditioning, run_parity
 
 TOL = 1e-5
 STEPS = 4

@@ -1,0 +1,71 @@
+"""Test-only ComfyUI nodes for the tier-3 server tests (never shipped with the pack).
+
+The test models (tests/make_models.py) have no text encoders, and no stock node makes
+CONDITIONING without a CLIP model, so ``PPTestConditioning`` makes a seeded random one:
+``[[context [1, length, dim], {"pooled_output": [1, pooled_dim]}]]`` (the pooled vector
+only when ``pooled_dim > 0``: Flux reads it as ``y``; Wan 2.1 t2v needs only the context).
+``PPTestNoisyLatent`` adds seeded noise to a latent (a non-empty input for denoise < 1).
+Flux's ``guidance`` is left to the model's default (3.5) unless ``guidance >= 0``.
+
+The harness (tests/server_util.py) links this folder into the test server's
+custom_nodes/ as ``pp_test_nodes`` and whitelists it next to the pack.
+"""
+import torch
+
+
+class PPTestConditioning:
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {"required": {
+            "seed": ("INT", {"default": 0, "min": 0, "max": 2**31 - 1}),
+            "length": ("INT", {"default": 8, "min": 1, "max": 4096}),
+            "dim": ("INT", {"default": 4096, "min": 1, "max": 65536}),
+            "pooled_dim": ("INT", {"default": 0, "min": 0, "max": 65536}),
+            "scale": ("FLOAT", {"default": 1.0, "min": 0.0, "max": 100.0, "step": 0.01}),
+        }, "optional": {
+            "guidance": ("FLOAT", {"default": -1.0, "min": -1.0, "max": 100.0, "step": 0.1}),
+        }}
+
+    RETURN_TYPES = ("CONDITIONING",)
+    FUNCTION = "make"
+    CATEGORY = "_for_testing/pp"
+
+    def make(self, seed, length, dim, pooled_dim, scale, guidance=-1.0):
+        g = torch.Generator().manual_seed(int(seed))
+        context = torch.randn((1, length, dim), generator=g, dtype=torch.float32) * scale
+        extra = {}
+        if pooled_dim > 0:
+            extra["pooled_output"] = torch.randn((1, pooled_dim), generator=g, dtype=torch.float32) * scale
+        if guidance is not None and guidance >= 0:
+            extra["guidance"] = float(guidance)
+        return ([[context, extra]],)
+
+
+class PPTestNoisyLatent:
+    """``latent + scale * seeded noise``: a non-empty latent for denoise < 1 tests."""
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {"required": {
+            "samples": ("LATENT",),
+            "seed": ("INT", {"default": 0, "min": 0, "max": 2**31 - 1}),
+            "scale": ("FLOAT", {"default": 1.0, "min": 0.0, "max": 100.0, "step": 0.01}),
+        }}
+
+    RETURN_TYPES = ("LATENT",)
+    FUNCTION = "make"
+    CATEGORY = "_for_testing/pp"
+
+    def make(self, samples, seed, scale):
+        x = samples["samples"]
+        g = torch.Generator().manual_seed(int(seed))
+        noise = torch.randn(x.shape, generator=g, dtype=torch.float32).to(x.dtype)
+        out = dict(samples)
+        out["samples"] = x + scale * noise
+        return (out,)
+
+
+NODE_CLASS_MAPPINGS = {"PPTestConditioning": PPTestConditioning,
+                       "PPTestNoisyLatent": PPTestNoisyLatent}
+NODE_DISPLAY_NAME_MAPPINGS = {"PPTestConditioning": "PP Test Conditioning (random, tests only)",
+                              "PPTestNoisyLatent": "PP Test Noisy Latent (tests only)"}
