@@ -45,6 +45,7 @@ def dtype_of(name):
 def adapter_for(diffusion_model):
     """The family adapter for a ComfyUI diffusion model (one file per family)."""
     from comfy.ldm.flux.model import Flux
+    from comfy.ldm.qwen_image.model import QwenImageTransformer2DModel
     from comfy.ldm.wan.model import WanModel
     if isinstance(diffusion_model, WanModel):
         from .models.wan import WanStaged
@@ -52,8 +53,12 @@ def adapter_for(diffusion_model):
     if isinstance(diffusion_model, Flux):
         from .models.flux import FluxStaged
         return FluxStaged(diffusion_model)
+    if isinstance(diffusion_model, QwenImageTransformer2DModel):
+        from .models.qwen_image import QwenImageStaged
+        return QwenImageStaged(diffusion_model)
     raise CarryError(f"pipeline-parallel sampling has no adapter for {type(diffusion_model).__name__} yet; "
-                     f"supported: Wan 2.1 (WanModel), Flux (Flux.1, Kontext, Flux.2)")
+                     f"supported: Wan 2.1 (WanModel), Flux (Flux.1, Kontext, Flux.2), "
+                     f"Qwen-Image (QwenImageTransformer2DModel: text-to-image, Edit)")
 
 
 def model_profile(diffusion_model) -> dict:
@@ -342,6 +347,11 @@ def pack_conditioning(name: str, conditioning) -> tuple[list, dict]:
                 entry[k] = {"t": "value", "v": v}
             elif isinstance(v, (list, tuple)) and all(isinstance(x, (bool, int, float, str)) for x in v):
                 entry[k] = {"t": "tuple" if isinstance(v, tuple) else "list", "v": list(v)}
+            elif type(v).__name__ == "Output" and type(v).__module__ == "comfy.clip_vision":
+                keys = [a for a, x in vars(v).items() if torch.is_tensor(x)]  # CLIP vision (Wan i2v)
+                for a in keys:
+                    tensors[f"{key}.{a}"] = getattr(v, a)
+                entry[k] = {"t": "clip_vision_output", "keys": keys}
             elif k == "control":
                 raise CarryError("the conditioning has a ControlNet (Apply ControlNet); PP KSampler does not "
                                  "run ControlNets yet: remove it or use the stock KSampler")
@@ -364,6 +374,12 @@ def unpack_conditioning(name: str, meta: list, tensors: dict) -> list:
                 opts[k] = [tensors[f"{key}.{j}"] for j in range(spec["n"])]
             elif spec["t"] == "tuple":
                 opts[k] = tuple(spec["v"])
+            elif spec["t"] == "clip_vision_output":
+                import comfy.clip_vision
+                clip = comfy.clip_vision.Output()
+                for a in spec["keys"]:
+                    clip[a] = tensors[f"{key}.{a}"]
+                opts[k] = clip
             else:
                 opts[k] = spec["v"]
         out.append([tensors[f"{name}.{i}.cond"], opts])

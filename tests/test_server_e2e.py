@@ -318,3 +318,56 @@ def test_interrupt_then_next_prompt(pp_srv):
         assert state["pids"], "GET /pp/status listed no worker pids during the run"
         assert pids_after == state["pids"], (f"workers restarted after the interrupt: "
                                              f"{state['pids']} -> {pids_after}")
+
+
+def test_wan22_two_model_handoff_with_lora(pp_srv):
+    """Wan 2.2's workflow shape through the server: a high-noise model for the first steps
+    (leftover noise), then a low-noise model with a LoRA at 0.8 (LoraLoaderModelOnly) for
+    the rest; stock KSamplerAdvanced x 2 against PPKSamplerAdvanced x 2 on one group."""
+    import torch
+    from make_models import make_wan21_t2v
+    from safetensors.torch import save_file
+
+    pp_srv.require_nodes("PPKSamplerAdvanced", "KSamplerAdvanced", "LoraLoaderModelOnly")
+    low = pp_srv.base / "models" / "diffusion_models" / "pp_tiny_wan21_low.safetensors"
+    if not low.exists():
+        make_wan21_t2v(low, seed=11)
+    loras = pp_srv.base / "models" / "loras"
+    loras.mkdir(parents=True, exist_ok=True)
+    g = torch.Generator().manual_seed(5)
+    lora = {}
+    for i in range(2):
+        for proj, (o, n) in {"self_attn.q": (128, 128), "ffn.0": (256, 128)}.items():
+            base = f"diffusion_model.blocks.{i}.{proj}"
+            lora[f"{base}.lora_up.weight"] = torch.randn(o, 4, generator=g) * 0.1
+            lora[f"{base}.lora_down.weight"] = torch.randn(4, n, generator=g) * 0.1
+            lora[f"{base}.alpha"] = torch.tensor(4.0)
+    save_file(lora, str(loras / "pp_tiny_wan_lora.safetensors"))
+
+    def graph(pp: bool) -> dict:
+        k = "PPKSamplerAdvanced" if pp else "KSamplerAdvanced"
+        extra = {"group": ["20", 0]} if pp else {}
+        common = {"noise_seed": 9, "steps": 4, "cfg": 3.5, "sampler_name": "euler", "scheduler": "simple",
+                  "positive": ["2", 0], "negative": ["3", 0], **extra}
+        g = load_workflow(MODELS["wan"][0])
+        g["10"] = {"class_type": "UNETLoader",
+                   "inputs": {"unet_name": "pp_tiny_wan21_low.safetensors", "weight_dtype": "default"}}
+        g["11"] = {"class_type": "LoraLoaderModelOnly",
+                   "inputs": {"model": ["10", 0], "lora_name": "pp_tiny_wan_lora.safetensors", "strength_model": 0.8}}
+        g["5"] = {"class_type": k, "inputs": {**common, "model": ["1", 0], "add_noise": "enable",
+                                              "latent_image": ["4", 0], "start_at_step": 0, "end_at_step": 2,
+                                              "return_with_leftover_noise": "enable"}}
+        g["13"] = {"class_type": k, "inputs": {**common, "model": ["11", 0], "add_noise": "disable",
+                                               "latent_image": ["5", 0], "start_at_step": 2, "end_at_step": 10000,
+                                               "return_with_leftover_noise": "disable"}}
+        if pp:
+            g["20"] = {"class_type": "PPWorkerGroup", "inputs": {"devices": "cpu,cpu", "backend": "local"}}
+        inputs(g, "SaveLatent").update(samples=["13", 0], filename_prefix=f"latents/handoff_{'pp' if pp else 'stock'}")
+        return g
+
+    stock = run_ok(pp_srv, graph(False), WAN_T)
+    pp = run_ok(pp_srv, graph(True), WAN_T)
+    a, b = pp_srv.read_latent(stock), pp_srv.read_latent(pp)
+    diff = (a - b).abs().max().item()
+    print(f"Wan 2.2-style handoff + LoRA 0.8: max|diff| {diff:.2e}, |stock| max {a.abs().max().item():.2f}")
+    assert a.abs().max().item() > 0.1 and diff <= TOL

@@ -126,3 +126,119 @@ def test_residency_release_and_park():
         assert loaded == [True, True, False, False]
     finally:
         group.shutdown()
+
+
+def _lora_for(model, names, seed=0, rank=4):
+    """A LoRA state dict (lora_up/lora_down/alpha) for the named weights of the diffusion model."""
+    g = torch.Generator().manual_seed(seed)
+    sd = {}
+    for name, p in model.model.diffusion_model.named_parameters():
+        if name.endswith(names) and p.dim() == 2:
+            base = "diffusion_model." + name[: -len(".weight")]
+            sd[f"{base}.lora_up.weight"] = torch.randn(p.shape[0], rank, generator=g) * 0.05
+            sd[f"{base}.lora_down.weight"] = torch.randn(rank, p.shape[1], generator=g) * 0.05
+            sd[f"{base}.alpha"] = torch.tensor(float(rank))
+    return sd
+
+
+def _stock_vs_pp(model, pp_model, pos, neg, latent, **kw):
+    noise = comfy.sample.prepare_noise(latent, kw["seed"])
+    ref = comfy.sample.sample(model, noise, kw["steps"], kw["cfg"], kw["sampler_name"], kw["scheduler"], pos, neg,
+                              latent, seed=kw["seed"], disable_pbar=True)
+    group = WorkerGroup("cpu,cpu", extra_paths=[str(COMFY_ROOT)])
+    try:
+        job, t, rt = prepare_comfy_job(2, pp_model, pos, neg, {"samples": latent}, **kw)
+        res = group.run(job, t, rank_tensors=rt)
+    finally:
+        group.shutdown()
+    return (res["latents"] - ref).abs().max().item(), ref
+
+
+def test_flux_fp8_file_with_lora_0_8():
+    """The Flux test file stores fp8_e4m3fn weights; a LoRA at strength 0.8 on it, stock
+    loader + LoraLoaderModelOnly's path against PP Load Diffusion Model + the same LoRA."""
+    path = str(cached_model_files()["flux1_dev"])
+    stock = comfy.sd.load_diffusion_model(path)
+    lora = _lora_for(stock, ("img_attn.qkv.weight", "linear1.weight"))
+    stock_lora = comfy.sd.load_lora_for_models(stock, None, lora, 0.8, 0)[0]
+    pp_lora = comfy.sd.load_lora_for_models(load_on_disk(path), None, lora, 0.8, 0)[0]
+    g = torch.Generator().manual_seed(3)
+    pos = [[torch.randn(1, 8, 4096, generator=g), {"pooled_output": torch.randn(1, 768, generator=g)}]]
+    neg = [[torch.randn(1, 8, 4096, generator=g), {"pooled_output": torch.randn(1, 768, generator=g)}]]
+    diff, ref = _stock_vs_pp(stock_lora, pp_lora, pos, neg, torch.zeros(1, 16, 8, 8), seed=2, steps=2, cfg=2.0,
+                             sampler_name="euler", scheduler="simple")
+    print(f"Flux fp8 file + LoRA 0.8: max|diff| {diff:.2e} (|x| max {ref.abs().max().item():.1f})")
+    assert len(lora) > 0 and diff <= TOL
+
+
+def test_fp8_weight_dtype_option():
+    """weight_dtype fp8_e4m3fn (weights stored in fp8 on the device, computed in a wider
+    dtype), as the stock loader offers it, on an fp32 file."""
+    path = str(cached_model_files()["wan21_t2v"])
+    stock = comfy.sd.load_diffusion_model(path, model_options={"dtype": torch.float8_e4m3fn})
+    pp = load_on_disk(path, torch.float8_e4m3fn)
+    assert pp.model.pp_source["dtype"] == "float8_e4m3fn"
+    pos, neg = _conds(5)
+    diff, _ = _stock_vs_pp(stock, pp, pos, neg, EMPTY["samples"], seed=4, steps=2, cfg=3.0, sampler_name="euler",
+                           scheduler="simple")
+    print(f"Wan, weight_dtype fp8_e4m3fn: max|diff| {diff:.2e}")
+    assert diff <= TOL
+
+
+def _wan_file(path, **cfg):
+    """A tiny Wan file of another kind (i2v, Wan 2.2 5B) in the stock loader's layout."""
+    import comfy.ops
+    from comfy.ldm.wan.model import WanModel
+    from make_models import _write
+    base = dict(model_type="t2v", patch_size=(1, 2, 2), in_dim=16, dim=128, ffn_dim=256, freq_dim=256, text_dim=4096,
+                out_dim=16, num_heads=1, num_layers=2, qk_norm=True, cross_attn_norm=True, eps=1e-6)
+    model = WanModel(**{**base, **cfg}, device="meta", operations=comfy.ops.disable_weight_init)
+    return _write(model, path, torch.float32, 7)
+
+
+def test_wan21_image_to_video(tmp_path):
+    """Wan 2.1 i2v: the image latent and mask in the conditioning (WanImageToVideo) and
+    CLIP vision features (clip_vision_output) reach the model on the workers."""
+    import comfy.clip_vision
+    path = _wan_file(tmp_path / "wan_i2v.safetensors", model_type="i2v", in_dim=36)
+    model = comfy.sd.load_diffusion_model(str(path))
+    assert type(model.model).__name__ == "WAN21" and model.model.diffusion_model.img_emb is not None
+    g = torch.Generator().manual_seed(8)
+    clip = comfy.clip_vision.Output()
+    clip["penultimate_hidden_states"] = torch.randn(1, 257, 1280, generator=g)
+    extra = {"concat_latent_image": torch.randn(1, 16, 2, 8, 8, generator=g),
+             "concat_mask": torch.cat([torch.zeros(1, 1, 1, 8, 8), torch.ones(1, 1, 1, 8, 8)], dim=2),
+             "clip_vision_output": clip}
+    pos, neg = _conds(6)
+    pos, neg = [[pos[0][0], dict(extra)]], [[neg[0][0], dict(extra)]]
+    diff, _ = _stock_vs_pp(model, model, pos, neg, torch.zeros(1, 16, 2, 8, 8), seed=4, steps=2, cfg=3.0,
+                           sampler_name="uni_pc", scheduler="simple")
+    print(f"Wan 2.1 i2v: max|diff| {diff:.2e}")
+    assert diff <= TOL
+
+
+def test_wan22_ti2v_5b_image_to_video(tmp_path):
+    """Wan 2.2 5B (48 latent channels, per-frame timesteps): image-to-video with the first
+    frame given through the latent's noise mask (Wan22ImageToVideoLatent)."""
+    path = _wan_file(tmp_path / "wan22_5b.safetensors", in_dim=48, out_dim=48)
+    model = comfy.sd.load_diffusion_model(str(path))
+    assert type(model.model).__name__ == "WAN22"
+    g = torch.Generator().manual_seed(9)
+    latent = torch.zeros(1, 48, 2, 8, 8)
+    latent[:, :, :1] = torch.randn(1, 48, 1, 8, 8, generator=g)
+    mask = torch.ones(1, 1, 2, 8, 8)
+    mask[:, :, :1] = 0.0
+    pos, neg = _conds(7)
+    noise = comfy.sample.prepare_noise(latent, 4)
+    ref = comfy.sample.sample(model, noise, 2, 3.0, "euler", "simple", pos, neg, latent, noise_mask=mask, seed=4,
+                              disable_pbar=True)
+    group = WorkerGroup("cpu,cpu", extra_paths=[str(COMFY_ROOT)])
+    try:
+        job, t, rt = prepare_comfy_job(2, model, pos, neg, {"samples": latent, "noise_mask": mask}, seed=4, steps=2,
+                                       cfg=3.0, sampler_name="euler", scheduler="simple")
+        res = group.run(job, t, rank_tensors=rt)
+    finally:
+        group.shutdown()
+    diff = (res["latents"] - ref).abs().max().item()
+    print(f"Wan 2.2 5B i2v: max|diff| {diff:.2e}")
+    assert diff <= TOL and (res["latents"][:, :, :1] - latent[:, :, :1]).abs().max() < 1e-5  # first frame kept
