@@ -166,13 +166,16 @@ class PPKSampler:
         }, "optional": {
             "split": ("PP_SPLIT", {"tooltip": "Stage split (default: balanced)."}),
             "cfg_mode": ("PP_CFG", {"tooltip": "CFG layout (default: auto)."}),
+            "free_host_weights": ("BOOLEAN", {"default": False, "tooltip": "For a MODEL from the stock loader: "
+                                  "once its weights are handed to the workers, free them from ComfyUI's memory "
+                                  "(the MODEL then works only with PP samplers)."}),
         }}
 
     def sample(self, model, group, positive, negative, latent_image, seed, steps, cfg, sampler_name, scheduler,
-               denoise, split=None, cfg_mode=None):
+               denoise, split=None, cfg_mode=None, free_host_weights=False):
         return pp_sample(model, group, positive, negative, latent_image, seed=seed, steps=steps, cfg=cfg,
                          sampler_name=sampler_name, scheduler=scheduler, denoise=denoise, split=split,
-                         cfg_mode=cfg_mode)
+                         cfg_mode=cfg_mode, free_host_copy=free_host_weights)
 
 
 class PPKSamplerAdvanced(PPKSampler):
@@ -198,10 +201,11 @@ class PPKSamplerAdvanced(PPKSampler):
 
     def sample_advanced(self, model, group, add_noise, noise_seed, steps, cfg, sampler_name, scheduler, positive,
                         negative, latent_image, start_at_step, end_at_step, return_with_leftover_noise,
-                        split=None, cfg_mode=None):
+                        split=None, cfg_mode=None, free_host_weights=False):
         return pp_sample(model, group, positive, negative, latent_image, seed=noise_seed, steps=steps, cfg=cfg,
                          sampler_name=sampler_name, scheduler=scheduler, denoise=1.0, split=split,
-                         cfg_mode=cfg_mode, disable_noise=add_noise == "disable", start_step=start_at_step,
+                         cfg_mode=cfg_mode, free_host_copy=free_host_weights,
+                         disable_noise=add_noise == "disable", start_step=start_at_step,
                          last_step=end_at_step, force_full_denoise=return_with_leftover_noise != "enable")
 
 

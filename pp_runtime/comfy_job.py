@@ -15,18 +15,26 @@ from .split import split_blocks
 from .topology import Topology
 
 
-def weights_source(model) -> dict:
-    """Where the workers read the weights, and in which dtypes (as the stock loader chose)."""
+def weights_source(model, free_host_copy: bool = False) -> dict:
+    """Where the workers read the weights, and in which dtypes (as the stock loader chose).
+
+    ``free_host_copy``: once a MODEL from the stock loader has been handed over, drop its
+    weights from the ComfyUI process (they go to the meta device; the MODEL then works
+    only with PP samplers, which read the handed-over copy)."""
     base = model.model
     src = getattr(base, "pp_source", None)
-    if src is not None:  # PP Load Diffusion Model: weights still on disk
+    if src is not None:  # PP Load Diffusion Model, or a MODEL whose host copy was freed
         return dict(src)
     try:
         path = cb.export_weights(base)
     except cb.CarryError as e:
         raise JobError(str(e)) from e
-    return {"path": path, "dtype": cb.dtype_name(base.get_dtype()),
-            "manual_cast": cb.dtype_name(base.manual_cast_dtype)}
+    src = {"path": path, "dtype": cb.dtype_name(base.get_dtype()),
+           "manual_cast": cb.dtype_name(base.manual_cast_dtype)}
+    if free_host_copy:
+        base.diffusion_model.to("meta")
+        base.pp_source = src
+    return src
 
 
 def check_latent(model, samples: torch.Tensor) -> torch.Tensor:
@@ -48,7 +56,8 @@ def check_latent(model, samples: torch.Tensor) -> torch.Tensor:
 def prepare_comfy_job(world: int, model, positive, negative, latent: dict, *, seed: int, steps: int, cfg: float,
                       sampler_name: str, scheduler: str, denoise: float = 1.0, split: dict | None = None,
                       cfg_mode: dict | None = None, disable_noise: bool = False, start_step=None, last_step=None,
-                      force_full_denoise: bool = False, micro_batch_size: int = 1):
+                      force_full_denoise: bool = False, micro_batch_size: int = 1,
+                      free_host_copy: bool = False):
     """-> (job, tensors for every rank, rank_tensors(rank): the tensors only that rank needs)."""
     split = split or {"strategy": "balanced", "manual": ""}
     cfg_mode = cfg_mode or {"mode": "auto", "cfg_normalize": False}
@@ -84,7 +93,7 @@ def prepare_comfy_job(world: int, model, positive, negative, latent: dict, *, se
     topo = Topology.build(world, pp=layout["pp"], cfg=layout["cfg"])
     job = {
         "kind": "comfy_sample",
-        "model": weights_source(model),
+        "model": weights_source(model, free_host_copy),
         "split": list(sp.counts), "layout": layout,
         "micro_batch_size": int(micro_batch_size), "batched_cfg": mode == "batched",
         "sampling": {"seed": int(seed), "steps": int(steps), "cfg": float(cfg), "sampler_name": sampler_name,

@@ -242,3 +242,23 @@ def test_wan22_ti2v_5b_image_to_video(tmp_path):
     diff = (res["latents"] - ref).abs().max().item()
     print(f"Wan 2.2 5B i2v: max|diff| {diff:.2e}")
     assert diff <= TOL and (res["latents"][:, :, :1] - latent[:, :, :1]).abs().max() < 1e-5  # first frame kept
+
+
+def test_free_the_host_copy_after_handing_over():
+    """A MODEL from the stock loader: after the first job the ComfyUI process may drop its
+    weights (free_host_weights); later jobs read the handed-over copy."""
+    model = comfy.sd.load_diffusion_model(str(cached_model_files()["wan21_t2v"]))
+    pos, neg = _conds(3)
+    noise = comfy.sample.prepare_noise(EMPTY["samples"], 2)
+    ref = comfy.sample.sample(model, noise, 2, 3.0, "euler", "simple", pos, neg, EMPTY["samples"], seed=2,
+                              disable_pbar=True)
+    group = WorkerGroup("cpu,cpu", extra_paths=[str(COMFY_ROOT)])
+    try:
+        for free in (True, False):
+            job, t, rt = prepare_comfy_job(2, model, pos, neg, EMPTY, seed=2, steps=2, cfg=3.0, sampler_name="euler",
+                                           scheduler="simple", free_host_copy=free)
+            res = group.run(job, t, rank_tensors=rt)
+            assert (res["latents"] - ref).abs().max() <= TOL
+            assert all(p.is_meta for p in model.model.diffusion_model.parameters())  # no weights left here
+    finally:
+        group.shutdown()
