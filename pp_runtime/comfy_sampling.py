@@ -116,6 +116,8 @@ def encode_pass(x, timestep, context, kwargs: dict, rows: list[int], branch: lis
             out[f"i.{k}"] = torch.tensor(v, dtype=torch.int64)
         elif isinstance(v, float):
             out[f"f.{k}"] = torch.tensor(v, dtype=torch.float64)
+        elif isinstance(v, str):  # e.g. ref_latents_method (Kontext / Qwen edit)
+            out[f"s.{k}"] = torch.tensor(list(v.encode()), dtype=torch.uint8)
         else:
             raise cb.CarryError(f"model input '{k}' ({type(v).__name__}) cannot cross a stage boundary")
     return out
@@ -141,6 +143,8 @@ def decode_pass(msg: dict):
             lists.setdefault(n, []).append((int(j), v))
         elif kind in ("b", "i", "f"):
             kw[name] = v.item()
+        elif kind == "s":
+            kw[name] = bytes(v.tolist()).decode()
     for n, items in lists.items():
         kw[n] = [v for _, v in sorted(items, key=lambda e: e[0])]
     out, a = [], 0

@@ -1,9 +1,10 @@
 """Small random-weight diffusion models for tests, built with ComfyUI's own classes.
 
-``make_wan21_t2v(path)`` and ``make_flux1(path)`` write safetensors files in the key
-layout ComfyUI's stock UNETLoader reads (the bare ``diffusion_model`` state dict);
-``comfy.sd.load_diffusion_model(path)`` detects them as Wan 2.1 t2v and Flux.1
-dev/schnell.  ``randomize(module)`` gives an in-memory model seeded random weights.
+``make_wan21_t2v(path)``, ``make_flux1(path)`` and ``make_qwen_image(path)`` write
+safetensors files in the key layout ComfyUI's stock UNETLoader reads (the bare
+``diffusion_model`` state dict); ``comfy.sd.load_diffusion_model(path)`` detects them as
+Wan 2.1 t2v, Flux.1 dev/schnell and Qwen-Image.  ``randomize(module)`` gives an
+in-memory model seeded random weights.
 
 Sizes are bounded by comfy/model_detection.py:
 * Wan 2.1: num_heads = dim // 128, patch (1, 2, 2), freq_dim 256, text_dim 4096 (the
@@ -13,11 +14,15 @@ Sizes are bounded by comfy/model_detection.py:
   mlp_ratio 4; only the block counts are free.  1 double + 1 single block is ~540M
   parameters: ~1.08 GB in bf16, ~0.54 GB in float8_e4m3fn (the default here; ComfyUI
   loads fp8 files and casts them to the compute dtype).
+* Qwen-Image: detection reads only ``in_channels`` and the block count, so hidden size
+  3072 (24 heads x 128), text width 3584 and the 4x MLP are fixed; a block is ~340M
+  parameters (1.36 GB in fp32).  2 blocks (the fewest a 2-stage split can cut) and the
+  embedders/final layer are ~720M parameters: ~0.72 GB in float8_e4m3fn (the default).
 
-``cached_model_files()`` writes both once into a cache folder and reuses them.
+``cached_model_files()`` writes them once into a cache folder and reuses them.
 
 Needs ComfyUI importable (see ``comfy_env.import_comfy``).  Run as a script to write
-both files: ``python tests/make_models.py [OUTDIR]``.
+the files: ``python tests/make_models.py [OUTDIR]``.
 """
 from __future__ import annotations
 
@@ -85,6 +90,12 @@ FLUX1_DETECTED = dict(in_channels=16, out_channels=16, vec_in_dim=768, context_i
                       theta=10000, patch_size=2, qkv_bias=True, txt_ids_dims=[])
 
 
+# What ComfyUI's detection leaves at the constructor defaults (it reads only in_channels
+# and the block count): 24 heads x 128 = hidden size 3072, 3584-wide text context.
+QWEN_IMAGE_DETECTED = dict(patch_size=2, in_channels=64, out_channels=16, attention_head_dim=128,
+                           num_attention_heads=24, joint_attention_dim=3584, axes_dims_rope=(16, 56, 56))
+
+
 def make_flux1(path, guidance: bool = True, depth: int = 1, depth_single_blocks: int = 1,
                dtype=torch.float8_e4m3fn, seed: int = 0) -> Path:
     """Flux.1 dev (``guidance=True``) or schnell (``guidance=False``)."""
@@ -93,6 +104,19 @@ def make_flux1(path, guidance: bool = True, depth: int = 1, depth_single_blocks:
 
     model = Flux(depth=depth, depth_single_blocks=depth_single_blocks, guidance_embed=guidance,
                  device="meta", operations=comfy.ops.disable_weight_init, **FLUX1_DETECTED)
+    return _write(model, path, dtype, seed)
+
+
+def make_qwen_image(path, num_layers: int = 2, index_timestep_zero: bool = False,
+                    dtype=torch.float8_e4m3fn, seed: int = 0) -> Path:
+    """Qwen-Image (text-to-image and Edit share this layout); ``index_timestep_zero``
+    adds the buffer by which ComfyUI detects Edit 2511."""
+    import comfy.ops
+    from comfy.ldm.qwen_image.model import QwenImageTransformer2DModel
+
+    model = QwenImageTransformer2DModel(
+        num_layers=num_layers, device="meta", operations=comfy.ops.disable_weight_init,
+        default_ref_method="index_timestep_zero" if index_timestep_zero else "index", **QWEN_IMAGE_DETECTED)
     return _write(model, path, dtype, seed)
 
 
@@ -105,15 +129,35 @@ def cached_model_files(cache_dir=None) -> dict[str, Path]:
     """The test models, written once into a cache folder and reused across sessions.
 
     Folder: ``cache_dir``, else ``$PP_TEST_MODEL_CACHE``, else ``<tmp>/pp-test-models``.
-    Keys: ``wan21_t2v`` (~4 MB), ``flux1_dev`` (~545 MB, ~10 s to write on 2 cores).
+    Keys: ``wan21_t2v`` (~4 MB), ``flux1_dev`` (~545 MB, ~10 s to write on 2 cores),
+    ``qwen_image`` (~720 MB, ~1 min to write on 2 busy cores).
     """
     d = Path(cache_dir or os.environ.get(CACHE_ENV) or Path(tempfile.gettempdir()) / "pp-test-models")
     files = {"wan21_t2v": (d / f"pp_tiny_wan21_t2v_v{VERSION}.safetensors", make_wan21_t2v),
-             "flux1_dev": (d / f"pp_tiny_flux1_dev_v{VERSION}.safetensors", make_flux1)}
-    for path, make in files.values():
+             "flux1_dev": (d / f"pp_tiny_flux1_dev_v{VERSION}.safetensors", make_flux1),
+             "qwen_image": (d / f"pp_tiny_qwen_image_v{VERSION}.safetensors", make_qwen_image)}
+    return _LazyFiles(files)
+
+
+class _LazyFiles(dict):
+    """{key: path}; a file is written the first time its key is read, so a test that
+    needs only the 4 MB Wan file never pays for the others."""
+
+    def __init__(self, files):
+        super().__init__({k: p for k, (p, _) in files.items()})
+        self._make = {k: m for k, (_, m) in files.items()}
+
+    def __getitem__(self, key):
+        path = super().__getitem__(key)
         if not path.is_file():
-            make(path)
-    return {k: p for k, (p, _) in files.items()}
+            self._make[key](path)
+        return path
+
+    def values(self):
+        return [self[k] for k in self]
+
+    def items(self):
+        return [(k, self[k]) for k in self]
 
 
 if __name__ == "__main__":

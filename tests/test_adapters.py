@@ -17,10 +17,12 @@ require_comfy()
 
 import comfy.ops  # noqa: E402
 from comfy.ldm.flux.model import Flux  # noqa: E402
+from comfy.ldm.qwen_image.model import QwenImageTransformer2DModel  # noqa: E402
 from comfy.ldm.wan.model import WanModel  # noqa: E402
 
 from pp_runtime.models.base import module_bytes  # noqa: E402
 from pp_runtime.models.flux import FluxStaged  # noqa: E402
+from pp_runtime.models.qwen_image import QwenImageStaged  # noqa: E402
 from pp_runtime.models.wan import WanStaged  # noqa: E402
 from make_models import randomize  # noqa: E402
 
@@ -228,12 +230,91 @@ def test_unsupported_wrappers_raise():
                                context=torch.zeros(1, 1, 8), transformer_options=opts)
 
 
+# -------------------------------------------------------------------- Qwen-Image
+# patch size 2 (the class hard-codes it), head dim = sum(axes_dims_rope)
+QWEN = dict(patch_size=2, in_channels=16, out_channels=4, num_layers=4, attention_head_dim=16,
+            num_attention_heads=2, joint_attention_dim=24, axes_dims_rope=(4, 6, 6))
+
+QWEN_CASES = {
+    "t2i": (QWEN, dict()),
+    # Edit: reference latents of other sizes appended as image tokens, dropped from the output
+    "edit-ref_latents": (QWEN, dict(refs=2)),
+    "edit-ref_latents_method-offset": (QWEN, dict(refs=2, method="offset")),
+    "edit-ref_latents_method-negative_index": (QWEN, dict(refs=1, method="negative_index")),
+    # 2511: reference tokens modulated with a zero timestep (temb has 2B rows)
+    "edit-2511-index_timestep_zero": (dict(QWEN, default_ref_method="index_timestep_zero"), dict(refs=2)),
+    # Layered: additional_t_cond, negative_index refs
+    "layered-additional_t_cond": (dict(QWEN, use_additional_t_cond=True, default_ref_method="negative_index"),
+                                  dict(refs=1, t_cond=True)),
+    "blockpatch": (QWEN, dict(refs=1, patch=True)),
+    "double_block-patches": (QWEN, dict(refs=1, block_patch=True)),
+    "controlnet": (QWEN, dict(refs=1, control=True)),
+    "attention_mask": (QWEN, dict(mask=True)),
+}
+
+
+@pytest.mark.parametrize("case", list(QWEN_CASES))
+def test_qwen_image_parity(case):
+    params, cfg = QWEN_CASES[case]
+    torch.manual_seed(0)
+    model = QwenImageTransformer2DModel(operations=OPS, dtype=torch.float32, **params)
+    randomize(model, seed=1)
+    model.eval()
+    g = torch.Generator().manual_seed(2)
+    b, c = 2, 4
+    # odd h/w: exercises padding and the final crop
+    inputs = dict(x=torch.randn(b, c, 1, 7, 9, generator=g),
+                  timestep=torch.tensor([0.7, 0.2]),
+                  context=torch.randn(b, 5, 24, generator=g),
+                  transformer_options={})
+    refs = [torch.randn(b, c, 1, 4, 6, generator=g), torch.randn(b, c, 1, 6, 5, generator=g)][:cfg.get("refs", 0)]
+    if refs:
+        inputs["ref_latents"] = refs
+    if cfg.get("method"):
+        inputs["ref_latents_method"] = cfg["method"]
+    if cfg.get("t_cond"):
+        inputs["additional_t_cond"] = torch.tensor([1, 0])
+    img_tokens = 4 * 5
+    if cfg.get("control"):
+        inputs["control"] = {"input": [None, torch.randn(b, img_tokens, 32, generator=g), None,
+                                       torch.randn(b, img_tokens - 3, 32, generator=g)]}
+    if cfg.get("mask"):
+        inputs["attention_mask"] = torch.ones(b, 5)
+    if cfg.get("patch"):
+        add_replace_patch(inputs["transformer_options"], ("double_block", 1))
+        add_replace_patch(inputs["transformer_options"], ("double_block", 3))
+    if cfg.get("block_patch"):  # patches["double_block"]: ComfyUI hands them the model input x too
+        def p(args):
+            return {"img": args["img"] + 0.01 * args["x"].flatten().mean(), "txt": args["txt"] * 0.99}
+        inputs["transformer_options"]["patches"] = {"double_block": [p]}
+    staged = QwenImageStaged(model)
+    assert staged.num_blocks == 4 and staged.unplaced() == []
+    check_parity(model, staged, inputs)
+    check_bytes(staged, model)
+    with torch.no_grad():  # the reference tokens cross the boundary; the head drops exactly them
+        state = staged.embed(**clone(inputs))
+        ref_tokens = sum((r.shape[-2] // 2) * ((r.shape[-1] + 1) // 2) for r in refs)
+        assert int(state["img_tokens"]) == img_tokens
+        assert state["img"].shape[1] == img_tokens + ref_tokens
+        assert ("timestep_zero_index" in state) == (params.get("default_ref_method") == "index_timestep_zero")
+
+
+def test_qwen_image_2511_marker_is_placed():
+    """The 2511 files' ``__index_timestep_zero__`` buffer goes with the first stage."""
+    model = QwenImageTransformer2DModel(operations=OPS, dtype=torch.float32,
+                                        **dict(QWEN, default_ref_method="index_timestep_zero"))
+    staged = QwenImageStaged(model)
+    assert staged.unplaced() == []
+    assert "__index_timestep_zero__" in staged.stage_prefixes(0, 2, True, False)
+    assert "__index_timestep_zero__" not in staged.stage_prefixes(2, 4, False, True)
+
+
 # ------------------------------------------- files the stock UNETLoader reads
 @pytest.fixture(scope="module")
 def model_files():
     from make_models import cached_model_files
     files = cached_model_files()  # written once (~10 s), then reused across sessions
-    return {"wan": files["wan21_t2v"], "flux": files["flux1_dev"]}
+    return {"wan": files["wan21_t2v"], "flux": files["flux1_dev"], "qwen_image": files["qwen_image"]}
 
 
 def test_loaded_wan21_t2v(model_files):
@@ -267,3 +348,23 @@ def test_loaded_flux1_dev(model_files):
                   context=torch.randn(1, 4, 4096, generator=g).to(dt), y=torch.randn(1, 768, generator=g).to(dt),
                   guidance=torch.tensor([3.5]), transformer_options={})
     check_parity(dm, FluxStaged(dm), inputs)
+
+
+def test_loaded_qwen_image(model_files):
+    import comfy.model_base
+    import comfy.sd
+    import comfy.supported_models
+    patcher = comfy.sd.load_diffusion_model(str(model_files["qwen_image"]))
+    assert isinstance(patcher.model, comfy.model_base.QwenImage)
+    assert type(patcher.model.model_config) is comfy.supported_models.QwenImage
+    dm = patcher.model.diffusion_model
+    assert type(dm) is QwenImageTransformer2DModel
+    assert (len(dm.transformer_blocks), dm.inner_dim, dm.default_ref_method) == (2, 3072, "index")
+    staged = QwenImageStaged(dm)
+    assert staged.unplaced() == []
+    g = torch.Generator().manual_seed(3)
+    dt = next(dm.parameters()).dtype
+    inputs = dict(x=torch.randn(1, 16, 1, 8, 8, generator=g).to(dt), timestep=torch.tensor([0.5]),
+                  context=torch.randn(1, 4, 3584, generator=g).to(dt),
+                  ref_latents=[torch.randn(1, 16, 1, 6, 4, generator=g).to(dt)], transformer_options={})
+    check_parity(dm, staged, inputs)

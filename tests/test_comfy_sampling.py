@@ -141,3 +141,69 @@ def test_lora_on_the_workers_and_repatch_without_reload(setup):
         assert not any(r["loaded"] for r in ranks) and all(r["bytes_read"] == 0 for r in ranks)
         assert all(r["patched"] for r in ranks)  # each change re-patched (or restored) every stage
     assert (results[0] - results[2]).abs().max() > 1e-3  # the LoRA changed the result
+
+
+# ------------------------------------------------------------------- Qwen-Image
+@pytest.fixture(scope="module")
+def qwen(setup):
+    """The tiny Qwen-Image file (hidden size 3072 fixed by detection, 2 blocks): the stock
+    MODEL from ComfyUI's loader, and the PP path's MODEL from ``load_on_disk`` (PP Load
+    Diffusion Model: the workers read their stages from the file, nothing is exported).
+    The worker group is the module's."""
+    from pp_runtime.comfy_bridge import load_on_disk
+    path = str(cached_model_files()["qwen_image"])
+    stock = comfy.sd.load_diffusion_model(path)
+    on_disk = load_on_disk(path)
+    g = torch.Generator().manual_seed(0)
+    pos = [[torch.randn(1, 6, 3584, generator=g), {}]]
+    neg = [[torch.randn(1, 4, 3584, generator=g), {}]]
+    yield stock, on_disk, pos, neg, setup[3]
+
+
+def _reference_latent(conditioning, samples):
+    """ComfyUI's ReferenceLatent node (TextEncodeQwenImageEdit does the same):
+    ``reference_latents`` appended to every entry's options."""
+    from comfy_extras.nodes_edit_model import ReferenceLatent
+    return ReferenceLatent.execute(conditioning, {"samples": samples}).result[0]
+
+
+def _compare_qwen(qwen, pos, neg, latent, sampler="euler", steps=2, cfg=2.5, seed=5):
+    stock, on_disk, _, _, group = qwen
+    noise = comfy.sample.prepare_noise(latent["samples"], seed)
+    ref = comfy.sample.sample(stock, noise, steps, cfg, sampler, "simple", pos, neg, latent["samples"],
+                              seed=seed, disable_pbar=True)
+    job, tensors, rank_tensors = prepare_comfy_job(group.world, on_disk, pos, neg, latent, seed=seed, steps=steps,
+                                                   cfg=cfg, sampler_name=sampler, scheduler="simple")
+    assert job["family"] == "QwenImageStaged" and job["split"] == [1, 1]
+    res = group.run(job, tensors, rank_tensors=rank_tensors)
+    return (res["latents"] - ref).abs().max().item(), ref
+
+
+def test_qwen_image_t2i(qwen):
+    _, _, pos, neg, _ = qwen
+    latent = {"samples": torch.zeros(1, 16, 1, 8, 8)}
+    diff, ref = _compare_qwen(qwen, pos, neg, latent, steps=3)
+    print(f"Qwen-Image t2i: max|diff| {diff:.2e}")
+    assert torch.isfinite(ref).all() and ref.abs().max() > 1e-2 and diff <= TOL
+
+
+@pytest.mark.parametrize("negative_ref", [True, False], ids=["both-branches", "positive-only"])
+def test_qwen_image_edit_reference_latent(qwen, negative_ref):
+    """Edit: a reference latent (another size than the output) on the conditioning; the model
+    appends it as image tokens and drops them from its output.  With the reference on both
+    branches ComfyUI batches cond+uncond (``ref_latents`` concatenated); on the positive only,
+    it runs them as separate passes."""
+    stock, _, pos, neg, _ = qwen
+    g = torch.Generator().manual_seed(7)
+    ref_latent = torch.randn(1, 16, 1, 6, 10, generator=g)
+    pos_e = _reference_latent(pos, ref_latent)
+    neg_e = _reference_latent(neg, ref_latent) if negative_ref else neg
+    latent = {"samples": torch.zeros(1, 16, 1, 8, 8)}
+    diff, ref = _compare_qwen(qwen, pos_e, neg_e, latent)
+    noise = comfy.sample.prepare_noise(latent["samples"], 5)
+    no_ref = comfy.sample.sample(stock, noise, 2, 2.5, "euler", "simple", pos, neg, latent["samples"], seed=5,
+                                 disable_pbar=True)
+    effect = (ref - no_ref).abs().max().item()
+    print(f"Qwen-Image edit ({'both' if negative_ref else 'positive'}): max|diff| {diff:.2e}, "
+          f"reference latent changed the result by {effect:.2e}")
+    assert diff <= TOL and effect > 1e-3
