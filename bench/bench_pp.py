@@ -2,6 +2,8 @@
 
     python bench/bench_pp.py --devices cuda:0,cuda:1            # Flux.1-dev size, 1024², 20 steps
     python bench/bench_pp.py --smoke                             # tiny Flux on cpu,cpu, a minute
+    python bench/bench_pp.py --model wan14b --steps 4 --warm-steps 1   # Wan 2.1 14B size, 480x832, 33 frames
+    python bench/bench_pp.py --model wan14b --smoke              # tiny Wan on cpu,cpu
 
 The one-GPU baseline is the engine itself with one worker (``WorkerGroup("cuda:0")``:
 the same worker process, loop and model code, PP=1).  Every variant is run once to place
@@ -31,17 +33,39 @@ if str(REPO) not in sys.path:
 
 import torch  # noqa: E402
 
-from bench.flux_model import CONFIGS, comfy_root, input_dims  # noqa: E402
+from bench import flux_model, wan_model  # noqa: E402
+from bench.flux_model import comfy_root  # noqa: E402
 from pp_runtime.group import WorkerGroup  # noqa: E402
 from pp_runtime.jobs import prepare_denoise_job  # noqa: E402
 from pp_runtime.plan import make_plan  # noqa: E402
 
 # Targets of the issue: ratio to one GPU (throughput), memory ratio, overheads, parity.
 TARGETS = {"pp2_seqcfg": (">=", 1.30), "pp2_nocfg": (">=", 0.97), "cfgpar2": (">=", 1.90),
-           "pp2_batch4_seqcfg": (">=", 1.70), "mem_pp2_by_memory": ("<=", 0.60)}
+           "pp2_batch4_seqcfg": (">=", 1.70), "mem_pp2_by_memory": ("<=", 0.60),
+           # four GPUs (--devices cuda:0,cuda:1,cuda:2,cuda:3 --variants four)
+           "pp4_seqcfg": (">=", 1.50), "pp2cfg2": (">=", 2.50), "pp4_batch4_seqcfg": (">=", 2.60),
+           "mem_pp4": ("<=", 0.32)}
 HOST_OVERHEAD_MAX = 0.02
 WARM_FIRST_STEP_MAX_S = 1.0
 REL_L2_MAX = 1e-2
+
+# model config -> the module with its factory (``build``), ``CONFIGS`` and ``input_dims``
+MODEL_MODULES = {**{k: flux_model for k in flux_model.CONFIGS}, **{k: wan_model for k in wan_model.CONFIGS}}
+# the variants a Wan run does by default (a 14B forward over ~14k tokens takes ~1 s: keep it short)
+WAN_DEFAULT_VARIANTS = ["1gpu_seqcfg", "pp2_seqcfg_by_memory", "pp2_seqcfg", "cfgpar2"]
+
+
+def is_wan(config: str) -> bool:
+    return MODEL_MODULES[config] is wan_model
+
+
+def parse_size(size: str | None, config: str) -> tuple[int, int]:
+    """``--size``: '1024' (square) or 'HxW' (480x832); default 1024 for Flux, 480x832 for Wan."""
+    if size is None:
+        return (480, 832) if is_wan(config) else (1024, 1024)
+    h, _, w = str(size).lower().partition("x")
+    return int(h), int(w or h)
+
 
 # name: (group, job options).  group "one": a one-worker group on the first device; "pp": all devices.
 VARIANTS = {
@@ -55,13 +79,23 @@ VARIANTS = {
     "pp2_nocfg":          ("pp", dict(cfg_mode="off", batch=1)),
     "pp2_b4_seqcfg":      ("pp", dict(cfg_mode="sequential", batch=4, micro_batch_size=1)),
     "cfgpar2":            ("pp", dict(cfg_mode="cfg_parallel", batch=1)),
+    # with four devices in the "pp" group: PP4 (sequential CFG) and PP2 x CFG2 (cfg_parallel)
+    "pp4_seqcfg_by_memory": ("pp", dict(cfg_mode="sequential", batch=1, split="by_memory")),
+    "pp4_seqcfg":         ("pp", dict(cfg_mode="sequential", batch=1)),
+    "pp4_b4_seqcfg":      ("pp", dict(cfg_mode="sequential", batch=4, micro_batch_size=1)),
+    "pp2cfg2":            ("pp", dict(cfg_mode="cfg_parallel", batch=1)),
 }
+FOUR_GPU_VARIANTS = ["1gpu_seqcfg", "1gpu_b4_batchedcfg", "1gpu_b4_seqcfg", "pp4_seqcfg_by_memory", "pp4_seqcfg",
+                     "pp2cfg2", "pp4_b4_seqcfg"]
 # (variant, its one-GPU baseline(s): the fastest of them is the baseline) -> ratio key
 RATIOS = {
     "pp2_seqcfg": ("pp2_seqcfg", ["1gpu_seqcfg"]),
     "pp2_nocfg": ("pp2_nocfg", ["1gpu_nocfg"]),
     "cfgpar2": ("cfgpar2", ["1gpu_seqcfg"]),
     "pp2_batch4_seqcfg": ("pp2_b4_seqcfg", ["1gpu_b4_batchedcfg", "1gpu_b4_seqcfg"]),
+    "pp4_seqcfg": ("pp4_seqcfg", ["1gpu_seqcfg"]),
+    "pp2cfg2": ("pp2cfg2", ["1gpu_seqcfg"]),
+    "pp4_batch4_seqcfg": ("pp4_b4_seqcfg", ["1gpu_b4_batchedcfg", "1gpu_b4_seqcfg"]),
 }
 EXTRA_RATIOS = {
     "pp2_seqcfg_vs_best_1gpu_cfg": ("pp2_seqcfg", ["1gpu_seqcfg", "1gpu_batchedcfg"]),
@@ -69,7 +103,8 @@ EXTRA_RATIOS = {
     "pp2_seqcfg_by_memory": ("pp2_seqcfg_by_memory", ["1gpu_seqcfg"]),
 }
 # (variant, reference variant) for the latents check
-PARITY = {"pp2_seqcfg": "1gpu_seqcfg", "pp2_seqcfg_by_memory": "1gpu_seqcfg", "cfgpar2": "1gpu_seqcfg",
+PARITY = {"pp4_seqcfg": "1gpu_seqcfg", "pp4_seqcfg_by_memory": "1gpu_seqcfg", "pp2cfg2": "1gpu_seqcfg",
+          "pp4_b4_seqcfg": "1gpu_b4_seqcfg", "pp2_seqcfg": "1gpu_seqcfg", "pp2_seqcfg_by_memory": "1gpu_seqcfg", "cfgpar2": "1gpu_seqcfg",
           "pp2_nocfg": "1gpu_nocfg", "pp2_b4_seqcfg": "1gpu_b4_seqcfg", "1gpu_batchedcfg": "1gpu_seqcfg",
           "1gpu_b4_batchedcfg": "1gpu_b4_seqcfg"}
 
@@ -123,16 +158,22 @@ class Bench:
     def __init__(self, args):
         self.a = args
         self.devices = [d.strip() for d in args.devices.split(",")]
-        dims = input_dims(args.model)
+        self.mod = MODEL_MODULES[args.model]
+        self.wan = is_wan(args.model)
+        dims = self.mod.input_dims(args.model)
         self.dims = dims
-        self.lat = [dims["latent_channels"], args.size // 8, args.size // 8]
-        self.model_spec = {"factory": "bench.flux_model:build", "kwargs": {"config": args.model, "seed": 0},
+        h, w = args.hw
+        self.lat = [dims["latent_channels"], h // 8, w // 8]
+        if self.wan:  # Wan 2.1 VAE: 4x temporal compression, first frame alone
+            self.lat.insert(1, (args.frames - 1) // 4 + 1)
+        self.model_spec = {"factory": f"{self.mod.__name__}:build", "kwargs": {"config": args.model, "seed": 0},
                            "dtype": args.dtype}
         self.stats = Path(tempfile.mkdtemp(prefix="pp-bench-"))
         os.environ["PP_BENCH_STATS"] = str(self.stats)  # the workers inherit it
         self.results: dict = {}
         self.latents: dict = {}
         self.groups: dict = {}
+        self.skipped: list = []
 
     # -- inputs: fixed conditioning, same for every variant ------------------------------
     def tensors(self, batch: int, cfg: bool) -> dict:
@@ -141,9 +182,14 @@ class Bench:
         d = self.dims
         pos_ctx = torch.randn(4, self.a.txt_tokens, d["context_dim"], generator=g).to(dt)
         neg_ctx = torch.randn(4, self.a.txt_tokens, d["context_dim"], generator=g).to(dt)
+        rep = lambda t: t.repeat(-(-batch // 4), *[1] * (t.dim() - 1))[:batch].contiguous()  # noqa: E731
+        if self.wan:  # Wan t2v: the text context only (umT5 width 4096)
+            out = {"positive.context": rep(pos_ctx)}
+            if cfg:
+                out["negative.context"] = rep(neg_ctx)
+            return out
         pos_y = torch.randn(4, d["y_dim"], generator=g).to(dt)
         neg_y = torch.randn(4, d["y_dim"], generator=g).to(dt)
-        rep = lambda t: t.repeat(-(-batch // 4), *[1] * (t.dim() - 1))[:batch].contiguous()  # noqa: E731
         out = {"positive.context": rep(pos_ctx), "positive.y": rep(pos_y),
                "positive.guidance": torch.full((batch,), self.a.flux_guidance)}
         if cfg:
@@ -310,10 +356,21 @@ class Bench:
             "latent_rms": float(lat.float().pow(2).mean().sqrt()) if lat is not None else None,
         }
 
-    def run(self, names):
+    def run(self, names, after_variant=None, deadline=None):
+        """``after_variant()`` after each variant (writes partial results); ``deadline``
+        (perf_counter) skips a variant unless the longest one so far still fits before it."""
         try:
+            longest = 0.0
             for n in names:
+                if deadline is not None and time.perf_counter() + longest * 1.1 > deadline:
+                    log(f"skip {n}: would pass the deadline (--deadline-s; longest variant so far {longest:.0f} s)")
+                    self.skipped.append(n)
+                    continue
+                t0 = time.perf_counter()
                 self.run_variant(n)
+                longest = max(longest, time.perf_counter() - t0)
+                if after_variant is not None:
+                    after_variant()
         finally:
             for g in self.groups.values():
                 g.shutdown()
@@ -332,6 +389,9 @@ class Bench:
         a, b = R.get("pp2_seqcfg_by_memory"), R.get("1gpu_seqcfg")
         ratios["mem_pp2_by_memory"] = (max(x for x in a["peak_gb"] if x) / b["peak_gb"][0]
                                        if a and b and a["peak_gb"] and b["peak_gb"] else None)
+        a4 = R.get("pp4_seqcfg_by_memory")
+        ratios["mem_pp4"] = (max(x for x in a4["peak_gb"] if x) / b["peak_gb"][0]
+                             if a4 and b and a4["peak_gb"] and b["peak_gb"] else None)
         extra = {k: ratio(v, b) for k, (v, b) in EXTRA_RATIOS.items()}
         steady = {}
         for k, (v, bases) in {**RATIOS, **EXTRA_RATIOS}.items():
@@ -361,20 +421,35 @@ class Bench:
         ovh = {k: r["overhead"]["fraction"] for k, r in R.items()}
         checks["host_overhead"] = max(ovh.values()) <= HOST_OVERHEAD_MAX if ovh else None
         warm_first = {k: r["first_step_s"] for k, r in R.items()}
-        checks["warm_first_step"] = (R["pp2_seqcfg"]["first_step_s"] <= WARM_FIRST_STEP_MAX_S
-                                     if "pp2_seqcfg" in R else None)
+        first = next((R[k]["first_step_s"] for k in ("pp2_seqcfg", "pp4_seqcfg") if k in R), None)
+        checks["warm_first_step"] = first <= WARM_FIRST_STEP_MAX_S if first is not None else None
         pp_par = {k: v for k, v in parity.items() if not k.startswith("1gpu")}
         checks["parity"] = max(pp_par.values()) <= REL_L2_MAX if pp_par else None
         cold = {R[k]["group"]: R[k]["cold_start"] for k in R if R[k]["cold_start"]}
-        cfg = CONFIGS[self.a.model]
-        nparams = None
-        try:
-            from bench.flux_model import build
-            with torch.device("meta"):
-                m = build(self.a.model)
-            nparams = sum(p.numel() for p in m.model.parameters())
-        except Exception:
-            pass
+        cfg = self.mod.CONFIGS[self.a.model]
+        nparams = getattr(self, "_nparams", None)
+        if nparams is None:
+            try:
+                with torch.device("meta"):
+                    m = self.mod.build(self.a.model)
+                nparams = self._nparams = sum(p.numel() for p in m.model.parameters())
+            except Exception:
+                pass
+        h, w = self.a.hw
+        img_tokens = (self.lat[-2] // 2) * (self.lat[-1] // 2) * (self.lat[1] if self.wan else 1)
+        if self.wan:
+            model = {"class": "comfy.ldm.wan.model.WanModel (Wan 2.1 t2v)", "config": self.a.model, "params": nparams,
+                     "dim": cfg["dim"], "ffn_dim": cfg["ffn_dim"], "heads": cfg["num_heads"],
+                     "blocks": cfg["num_layers"], "text_dim": cfg["text_dim"], "freq_dim": cfg["freq_dim"],
+                     "patch_size": list(cfg["patch_size"]), "qk_norm": cfg["qk_norm"],
+                     "cross_attn_norm": cfg["cross_attn_norm"], "frames": self.a.frames}
+        else:
+            model = {"class": "comfy.ldm.flux.model.Flux", "config": self.a.model, "params": nparams,
+                     "hidden": cfg["hidden_size"], "heads": cfg["num_heads"], "double_blocks": cfg["depth"],
+                     "single_blocks": cfg["depth_single_blocks"], "guidance_embed": cfg["guidance_embed"]}
+        model.update({"dtype": self.a.dtype, "weights": "random, seeded per parameter name",
+                      "latent": [1, *self.lat], "img_tokens": img_tokens, "txt_tokens": self.a.txt_tokens,
+                      "size_px": h if h == w else f"{h}x{w}"})
         gpus = len(self.devices)
         return {
             "card": (env.get("gpu_list") or [self.card or "cpu"])[0] if env.get("gpu_list") else (self.card or "cpu"),
@@ -383,14 +458,11 @@ class Bench:
             "topology": env.get("topology"),
             "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
             "engine_rev": engine_rev(),
-            "model": {"class": "comfy.ldm.flux.model.Flux", "config": self.a.model, "params": nparams,
-                      "hidden": cfg["hidden_size"], "heads": cfg["num_heads"], "double_blocks": cfg["depth"],
-                      "single_blocks": cfg["depth_single_blocks"], "guidance_embed": cfg["guidance_embed"],
-                      "dtype": self.a.dtype, "weights": "random, seeded per parameter name",
-                      "latent": [1, *self.lat], "img_tokens": (self.lat[1] // 2) * (self.lat[2] // 2),
-                      "txt_tokens": self.a.txt_tokens, "size_px": self.a.size},
-            "sampling": {"scheduler": "flow_euler", "steps": self.a.steps, "warm_steps": self.a.warm_steps,
-                         "cfg_scale": self.a.cfg_scale, "flux_guidance": self.a.flux_guidance},
+            "model": model,
+            "sampling": {"scheduler": "flow_euler (diffusers FlowMatchEulerDiscreteScheduler, shift 3.0)",
+                         "steps": self.a.steps, "warm_steps": self.a.warm_steps, "cfg_scale": self.a.cfg_scale,
+                         **({} if self.wan else {"flux_guidance": self.a.flux_guidance})},
+            "variants_skipped": list(self.skipped),
             "ratios": ratios, "ratios_extra": extra, "targets": {k: list(v) for k, v in TARGETS.items()},
             "checks": checks, "parity_rel_l2": parity,
             "host_overhead_fraction": ovh, "warm_first_step_s": warm_first, "cold_start": cold,
@@ -398,6 +470,7 @@ class Bench:
         }
 
     card = None
+    skipped: list = []
 
 
 def print_table(rep: dict):
@@ -455,7 +528,7 @@ def launch_probe(a, device: str) -> dict | None:
         out = Path(d) / "probe.json"
         env = {k: v for k, v in os.environ.items() if k != "PP_BENCH_STATS"}
         cmd = [sys.executable, str(REPO / "bench" / "launch_probe.py"), "--device", device, "--model", a.model,
-               "--size", str(a.size), "--txt-tokens", str(a.txt_tokens), "--dtype", a.dtype, "--out", str(out)]
+               "--size", str(a.hw[0]), "--txt-tokens", str(a.txt_tokens), "--dtype", a.dtype, "--out", str(out)]
         log("-- launch probe: " + " ".join(cmd[1:]))
         r = subprocess.run(cmd, env=env, cwd=str(REPO), text=True, capture_output=True, timeout=600)
         log(r.stdout.strip() or r.stderr.strip()[-2000:])
@@ -465,8 +538,12 @@ def launch_probe(a, device: str) -> dict | None:
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--devices", default=None, help="e.g. cuda:0,cuda:1 (default) or cpu,cpu")
-    ap.add_argument("--model", default="flux1-dev", choices=sorted(CONFIGS))
-    ap.add_argument("--size", type=int, default=1024, help="image size in pixels (latent = size/8)")
+    ap.add_argument("--model", default="flux1-dev", choices=sorted(MODEL_MODULES))
+    ap.add_argument("--size", default=None,
+                    help="image size in pixels, N or HxW (latent = size/8); default 1024 (Flux), 480x832 (Wan)")
+    ap.add_argument("--frames", type=int, default=33, help="Wan: video frames (latent frames = (frames-1)/4+1)")
+    ap.add_argument("--deadline-s", type=float, default=None,
+                    help="skip the remaining variants once the longest so far would end past this many seconds")
     ap.add_argument("--txt-tokens", type=int, default=512)
     ap.add_argument("--steps", type=int, default=20)
     ap.add_argument("--warm-steps", type=int, default=2)
@@ -480,31 +557,60 @@ def main(argv=None):
     ap.add_argument("--launch-probe", action="store_true",
                     help="after the variants, time the CPU launch vs GPU time of one forward (bench/launch_probe.py)")
     ap.add_argument("--smoke", action="store_true",
-                    help="tiny Flux on cpu,cpu, float32, 4 steps, 128px, 8 text tokens (checks the harness)")
+                    help="tiny Flux (or tiny Wan with --model wan*) on cpu,cpu, float32, 4 steps, 128px, 8 text "
+                         "tokens (checks the harness)")
     a = ap.parse_args(argv)
     if a.smoke:
         a.devices = a.devices or "cpu,cpu"
-        a.model, a.size, a.txt_tokens, a.steps, a.dtype = "tiny", 128, 8, 4, "float32"
+        wan = is_wan(a.model)
+        a.model, a.size, a.txt_tokens, a.steps, a.dtype = ("wan-tiny" if wan else "tiny"), "128", 8, 4, "float32"
+        if wan:
+            a.size, a.frames = "64x96", 9
+    a.hw = parse_size(a.size, a.model)
     if a.devices is None:
         a.devices = "cuda:0,cuda:1" if torch.cuda.device_count() >= 2 else "cpu,cpu"
-    names = list(VARIANTS) if a.variants == "all" else [v.strip() for v in a.variants.split(",") if v.strip()]
+    if a.variants == "all" and is_wan(a.model):
+        a.variants = ",".join(WAN_DEFAULT_VARIANTS)
+    if a.variants == "four":
+        a.variants = ",".join(FOUR_GPU_VARIANTS)
+    names = ([n for n in VARIANTS if n not in FOUR_GPU_VARIANTS[3:]] if a.variants == "all"
+             else [v.strip() for v in a.variants.split(",") if v.strip()])
     for n in names:
         if n not in VARIANTS:
             ap.error(f"unknown variant {n}")
     b = Bench(a)
     env = environment(b.devices)
-    log(f"bench: {a.model} {a.size}px {a.steps} steps {a.dtype} on {a.devices}; torch {env['torch']}, "
-        f"NCCL {env['nccl']}, driver {env.get('driver')}")
+    size = f"{a.hw[0]}x{a.hw[1]}" + (f"x{a.frames}" if is_wan(a.model) else "") if a.hw[0] != a.hw[1] \
+        or is_wan(a.model) else str(a.hw[0])
+    log(f"bench: {a.model} {size}px {a.steps} steps {a.dtype} on {a.devices}; torch {env['torch']}, "
+        f"NCCL {env['nccl']}, driver {env.get('driver')}; variants {', '.join(names)}")
     t0 = time.perf_counter()
-    b.run(names)
+    deadline = t0 + a.deadline_s if a.deadline_s else None
+    outp = [Path(a.out)] if a.out else []
+
+    def write(rep):
+        if not outp:
+            outp.append(REPO / "bench" / "results" / (
+                f"{len(b.devices)}x{rep['card'].split(' (')[0].replace(' ', '_')}_{a.model}_{size}.json"))
+        outp[0].parent.mkdir(parents=True, exist_ok=True)
+        outp[0].write_text(json.dumps(rep, indent=1, default=str) + "\n")
+
+    def partial():  # after each variant: a timeout still leaves the numbers so far
+        try:
+            rep = b.report(env)
+            rep["partial"] = True
+            rep["bench_wall_s"] = time.perf_counter() - t0
+            write(rep)
+        except Exception as e:  # never lose the run over the partial report
+            log(f"(partial report failed: {type(e).__name__}: {e})")
+
+    b.run(names, after_variant=partial, deadline=deadline)
     rep = b.report(env)
-    if a.launch_probe and b.devices[0].startswith("cuda"):
+    if a.launch_probe and b.devices[0].startswith("cuda") and not is_wan(a.model):
         rep["launch_probe"] = launch_probe(a, b.devices[0])
     rep["bench_wall_s"] = time.perf_counter() - t0
-    out = Path(a.out) if a.out else REPO / "bench" / "results" / (
-        f"{len(b.devices)}x{rep['card'].split(' (')[0].replace(' ', '_')}_{a.model}_{a.size}.json")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(rep, indent=1, default=str) + "\n")
+    write(rep)
+    out = outp[0]
     print_table(rep)
     log(f"wrote {out} ({rep['bench_wall_s']:.0f} s)")
     return 0

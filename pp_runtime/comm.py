@@ -98,6 +98,19 @@ class TensorDictP2P:
         if len(self._pending_sends) > 64:  # keep the list short without blocking
             self._pending_sends = [(w, t) for w, t in self._pending_sends if not w.is_completed()]
 
+    def _wait_sends_reading(self, tensors) -> None:
+        """A stage often passes received tensors on unchanged (``vec``, ``pe`` ...), so a
+        send may still be reading a receive buffer that is about to be reused: wait for
+        such sends first (gloo sends from the buffer itself, in the background)."""
+        ptrs = {t.untyped_storage().data_ptr() for t in tensors}
+        still = []
+        for work, t in self._pending_sends:
+            if t.untyped_storage().data_ptr() in ptrs:
+                work.wait()
+            else:
+                still.append((work, t))
+        self._pending_sends = still
+
     def flush(self) -> None:
         """Wait for every posted send (loop end, error paths, before collectives)."""
         pending, self._pending_sends = self._pending_sends, []
@@ -136,6 +149,7 @@ class TensorDictP2P:
             slot = self._ring_pos[key]
             self._ring_pos[key] = (slot + 1) % _RING
             buffers = self._buffers[key][slot]
+            self._wait_sends_reading(buffers.values())
             works = [dist.irecv(buffers[k], pending.src, group=self.schema_group if where == "h" else self.data_group)
                      for k, _, _, where in schema]
             for w in works:

@@ -37,6 +37,7 @@ from multiprocessing.connection import Listener
 from pathlib import Path
 
 from . import wire
+from .topology import Topology
 
 PACKAGE_PARENT = str(Path(__file__).resolve().parent.parent)
 
@@ -328,6 +329,26 @@ class WorkerGroup:
         for r in (range(self.world) if ranks is None else ranks):
             wire.send(self.conns[r], msg, tensors)
 
+    def _dispatch(self, msg: dict, tensors: dict, rank_tensors) -> None:
+        """Send a job: the shared tensors only to the ranks that use them (the job's
+        ``tensors_to``: every rank, the first or the last stage of each pipeline), each
+        distinct payload encoded once; ``rank_tensors(r)`` adds what only rank r needs."""
+        to = msg["job_spec"].get("tensors_to", "all")
+        layout = msg["job_spec"].get("layout")
+        topo = Topology.build(self.world, pp=layout["pp"], cfg=layout["cfg"]) if layout else None
+        encoded: dict[bool, bytes] = {}
+        for r in range(self.world):
+            pp_rank = topo.coords_of(r)["pp"] if topo else 0
+            wants = (to == "all" or (to == "first" and pp_rank == 0)
+                     or (to == "last" and topo is not None and pp_rank == topo.pp_size - 1))
+            extra = rank_tensors(r) if rank_tensors is not None else {}
+            if extra:
+                wire.send(self.conns[r], msg, {**(tensors if wants else {}), **extra})
+                continue
+            if wants not in encoded:
+                encoded[wants] = wire.encode(msg, tensors if wants else None)
+            self.conns[r].send_bytes(encoded[wants])
+
     def interrupt(self, job_id: str) -> None:
         self._broadcast({"op": "interrupt", "job": job_id})
 
@@ -382,9 +403,7 @@ class WorkerGroup:
             self.state, self.progress = "running", (0, None)
             job_id = f"job{next(self._ids)}"
             ranks, spans, result, interrupt_sent, raised = {}, [], None, False, None
-            for r in range(self.world):  # rank_tensors(r): what only rank r needs (its stage's patches)
-                extra = rank_tensors(r) if rank_tensors is not None else {}
-                self._broadcast({"op": "run", "job": job_id, "job_spec": job}, {**(tensors or {}), **extra}, [r])
+            self._dispatch({"op": "run", "job": job_id, "job_spec": job}, tensors or {}, rank_tensors)
             while len(ranks) < self.world:
                 if not interrupt_sent and (raised is not None or (should_interrupt is not None and should_interrupt())):
                     self.interrupt(job_id)

@@ -88,7 +88,8 @@ def prepare_denoise_job(world: int, model: dict, *, latent_shape, steps: int, se
                          "scheduler": scheduler, "guidance_scale": float(guidance_scale),
                          "cfg": cfg_mode != "off", "cfg_normalize": bool(cfg_normalize),
                          "output_slice": output_slice},
-            "micro_batch_size": int(micro_batch_size), "batched_cfg": cfg_mode == "batched"}
+            "micro_batch_size": int(micro_batch_size), "batched_cfg": cfg_mode == "batched",
+            "tensors_to": "first"}  # conditioning: only the first stage of each pipeline embeds it
 
 
 def placement_key(job: dict) -> str:

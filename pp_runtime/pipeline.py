@@ -41,7 +41,9 @@ class PPDenoiser(PipelineParallelMixin):
         """
         topo, device = self.pp.topo, self.pp.device
         sched = make_scheduler(scheduler, steps)
-        do_true_cfg = bool(cfg) and guidance_scale != 1.0 and negative is not None
+        do_true_cfg = bool(cfg) and guidance_scale != 1.0  # known to every rank from the job
+        if do_true_cfg and topo.is_first and negative is None:
+            raise ValueError("CFG needs negative conditioning on the first stage")
         self.batch_size = int(latent_shape[0])
         latents = generator = None
         if topo.is_first or topo.is_last:

@@ -53,6 +53,18 @@ def _ranges(counts):
     return out
 
 
+def test_pp4_batch4_eight_micro_batches(cpu_group):
+    """PP4 with 8 micro-batches per step: middle stages pass received tensors on unchanged
+    while later micro-batches arrive into the same receive buffers (a regression test for
+    buffer reuse under a send still in flight)."""
+    pos, neg = conditioning(batch=4)
+    job, res, ref, _ = run_parity(cpu_group(4), TOY, pos, neg, latent_shape=[4, 4, 4, 4], steps=STEPS, seed=6,
+                                  scheduler="flow_euler", guidance_scale=3.0, cfg_mode="sequential")
+    diff = (res["latents"] - ref).abs().max().item()
+    print(f"pp4 batch4 seqcfg (8 micro-batches): layout {job['layout']} max|diff| {diff:.2e}")
+    assert job["layout"] == {"cfg": 1, "pp": 4} and diff <= TOL
+
+
 @pytest.mark.parametrize("cfg_mode,world", [("sequential", 2), ("cfg_parallel", 4)])
 def test_batch2_parity_and_micro_batches(cpu_group, cfg_mode, world):
     """Batch 2 runs as 2 (or 4 with sequential CFG) micro-batches through the pipeline."""
