@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import atexit
 import json
+import math
 import os
 import shutil
 import struct
@@ -71,29 +72,61 @@ def model_profile(diffusion_model) -> dict:
 
 
 # -- model from a file header ---------------------------------------------------------
-def header_state_dict(path: str) -> dict[str, torch.Tensor]:
-    """Every tensor of a safetensors file as a meta tensor: shapes and dtypes, no data."""
+def header_state_dict(path: str, small: int = 0) -> dict[str, torch.Tensor]:
+    """Every tensor of a safetensors file as a meta tensor (shapes and dtypes, no data),
+    except tensors of at most ``small`` elements, which are read (quantization scales)."""
     from safetensors import safe_open
     out = {}
     with safe_open(path, framework="pt") as f:
         for k in f.keys():
             sl = f.get_slice(k)
-            out[k] = torch.empty(sl.get_shape(), dtype=_DTYPES[sl.get_dtype()], device="meta")
+            shape = sl.get_shape()
+            if small and math.prod(shape) <= small:
+                out[k] = f.get_tensor(k)
+            else:
+                out[k] = torch.empty(shape, dtype=_DTYPES[sl.get_dtype()], device="meta")
     return out
 
 
-def detect(path: str):
-    """(model_config, key prefix, meta state dict) as ComfyUI's diffusion-model loader detects them."""
+def file_metadata(path: str) -> dict:
+    with open(path, "rb") as f:
+        (n,) = struct.unpack("<Q", f.read(8))
+        return json.loads(f.read(n)).get("__metadata__") or {}
+
+
+def converted_header(path: str):
+    """The file's state dict as ComfyUI's loader sees it after its key handling: the
+    diffusion-model prefix stripped and old scaled-fp8 layouts converted to ComfyUI's
+    quantized-layer keys.  Returns (prefix, sd, metadata, file_key): big tensors stay
+    meta, ``file_key[k]`` is where key ``k`` lives in the file (None: made by the
+    conversion, already real in ``sd``)."""
     import comfy.utils
     from comfy import model_detection
-    sd = header_state_dict(path)
+    sd = header_state_dict(path, small=16)
     prefix = model_detection.unet_prefix_from_state_dict(sd)
     stripped = comfy.utils.state_dict_prefix_replace(sd, {prefix: ""}, filter_keys=True)
     if stripped:
         sd = stripped
     else:
         prefix = ""
-    config = model_detection.model_config_from_unet(sd, "")
+    original = set(sd)
+    sd, metadata = comfy.utils.convert_old_quants(dict(sd), "", metadata=file_metadata(path))
+    renamed = {".weight_scale": ".scale_weight", ".input_scale": ".scale_input"}
+    file_key = {}
+    for k in sd:
+        if k in original:
+            file_key[k] = prefix + k
+        else:
+            old = next((k[: -len(n)] + o for n, o in renamed.items() if k.endswith(n)), None)
+            file_key[k] = prefix + old if old in original else None
+    return prefix, sd, metadata, file_key
+
+
+def detect(path: str):
+    """(model_config, key prefix, state dict) as ComfyUI's diffusion-model loader detects them."""
+    from comfy import model_detection
+    prefix, sd, metadata, _ = converted_header(path)
+    config = model_detection.model_config_from_unet(sd, "", metadata=metadata)
     if config is None:
         raise CarryError(f"ComfyUI cannot detect a diffusion model in {os.path.basename(path)}")
     return config, prefix, sd
@@ -103,10 +136,12 @@ def stock_dtypes(config, sd, weight_dtype=None):
     """The (weight dtype, manual cast dtype) ComfyUI's stock loader picks for this file."""
     import comfy.model_management as mm
     import comfy.utils
+    quantized = getattr(config, "quant_config", None) is not None
     unet_dtype = weight_dtype or mm.unet_dtype(model_params=comfy.utils.calculate_parameters(sd),
                                                supported_dtypes=list(config.supported_inference_dtypes),
-                                               weight_dtype=comfy.utils.weight_dtype(sd))
-    manual = mm.unet_manual_cast(unet_dtype, mm.get_torch_device(), config.supported_inference_dtypes)
+                                               weight_dtype=None if quantized else comfy.utils.weight_dtype(sd))
+    manual = mm.unet_manual_cast(None if quantized else unet_dtype, mm.get_torch_device(),
+                                 config.supported_inference_dtypes)
     return unet_dtype, manual
 
 
@@ -136,21 +171,38 @@ def read_tensors(path: str, keys: list[str]):
 
 def load_stage_weights(diffusion_model, path: str, file_prefix: str, prefixes: list[str], device) -> int:
     """Read only this stage's tensors from the file into the meta model, converted to the
-    dtype the stock loader would use, one tensor at a time onto ``device``; returns the
-    bytes read."""
-    wanted = {n: p for n, p in list(diffusion_model.named_parameters()) + list(diffusion_model.named_buffers())
-              if n.startswith(tuple(prefixes))}
-    keys = set(header_state_dict(path))
-    missing = [file_prefix + n for n in wanted if file_prefix + n not in keys]
+    dtype the stock loader would use (quantized layers keep their stored form and go
+    through ComfyUI's own layer loading), one tensor at a time onto ``device``; returns
+    the bytes read."""
+    _, sd, _, file_key = converted_header(path)
+    wanted = [k for k in sd if k.startswith(tuple(prefixes))]
+    params = dict(list(diffusion_model.named_parameters()) + list(diffusion_model.named_buffers()))
+    missing = [n for n in params if n.startswith(tuple(prefixes)) and n not in sd]
     if missing:
-        raise CarryError(f"{os.path.basename(path)} has no tensor {missing[0]!r} (and {len(missing) - 1} more) "
-                         f"for this stage")
-    sd, nbytes = {}, 0
-    for key, t in read_tensors(path, [file_prefix + n for n in wanted]):
-        name = key[len(file_prefix):]
+        raise CarryError(f"{os.path.basename(path)} has no tensor {file_prefix + missing[0]!r} (and "
+                         f"{len(missing) - 1} more) for this stage")
+    quant_layers = {k[: -len(".comfy_quant")] for k in wanted if k.endswith(".comfy_quant")}
+    for name, module in diffusion_model.named_modules():  # quantized layers load onto their factory device
+        if name and f"{name}.".startswith(tuple(prefixes)) and isinstance(getattr(module, "factory_kwargs", None), dict):
+            module.factory_kwargs["device"] = device
+    from_file = {file_key[k]: k for k in wanted if sd[k].is_meta}
+    out, nbytes = {k: sd[k].to(device) for k in wanted if not sd[k].is_meta}, 0
+    for fkey, t in read_tensors(path, list(from_file)):
+        k = from_file[fkey]
         nbytes += t.numel() * t.element_size()
-        sd[name] = t.to(device=device, dtype=wanted[name].dtype)
-    diffusion_model.load_state_dict(sd, strict=False, assign=True)
+        keep = k.rsplit(".", 1)[0] in quant_layers or k not in params
+        out[k] = t.to(device=device) if keep else t.to(device=device, dtype=params[k].dtype)
+    # Module by module: a quantized layer outside this stage must not be asked to load.
+    for pre in prefixes:
+        if not pre.endswith("."):  # a top-level tensor of its own (e.g. a marker buffer)
+            if pre in out and pre in diffusion_model._buffers:
+                diffusion_model._buffers[pre] = out[pre]
+            elif pre in out:
+                diffusion_model._parameters[pre] = torch.nn.Parameter(out[pre], requires_grad=False)
+            continue
+        part = {k[len(pre):]: v for k, v in out.items() if k.startswith(pre)}
+        if part:
+            diffusion_model.get_submodule(pre.rstrip(".")).load_state_dict(part, strict=False, assign=True)
     return nbytes
 
 

@@ -262,3 +262,49 @@ def test_free_the_host_copy_after_handing_over():
             assert all(p.is_meta for p in model.model.diffusion_model.parameters())  # no weights left here
     finally:
         group.shutdown()
+
+
+def test_comfyui_scaled_fp8_file(tmp_path):
+    """ComfyUI's scaled-fp8 files (fp8 weights with a per-layer ``scale_weight`` and a
+    ``scaled_fp8`` marker): the workers load them into ComfyUI's quantized layers, as the
+    stock loader does, straight from the file."""
+    from safetensors.torch import load_file, save_file
+    sd = load_file(str(cached_model_files()["wan21_t2v"]))
+    out = {}
+    for k, v in sd.items():
+        if k.startswith("blocks.") and k.endswith(".weight") and v.dim() == 2:
+            scale = v.abs().max() / 448.0
+            out[k] = (v / scale).to(torch.float8_e4m3fn)
+            out[k[: -len(".weight")] + ".scale_weight"] = scale.reshape(1).float()
+        else:
+            out[k] = v
+    out["scaled_fp8"] = torch.zeros(0, dtype=torch.float8_e4m3fn)
+    path = tmp_path / "wan_scaled_fp8.safetensors"
+    save_file(out, str(path))
+    stock = comfy.sd.load_diffusion_model(str(path))
+    assert stock.model.model_config.quant_config  # ComfyUI sees quantized layers
+    pos, neg = _conds(4)
+    diff, ref = _stock_vs_pp(stock, load_on_disk(str(path)), pos, neg, EMPTY["samples"], seed=1, steps=2, cfg=3.0,
+                             sampler_name="euler", scheduler="simple")
+    plain = comfy.sd.load_diffusion_model(str(cached_model_files()["wan21_t2v"]))
+    noise = comfy.sample.prepare_noise(EMPTY["samples"], 1)
+    unquantized = comfy.sample.sample(plain, noise, 2, 3.0, "euler", "simple", pos, neg, EMPTY["samples"], seed=1,
+                                      disable_pbar=True)
+    print(f"Wan scaled fp8: max|diff| {diff:.2e} (the fp8 rounding itself: "
+          f"{(ref - unquantized).abs().max().item():.2e})")
+    assert diff <= TOL
+
+
+@pytest.mark.parametrize("dtype,prefix", [(torch.bfloat16, "model.diffusion_model."), (torch.float16, "")])
+def test_bf16_fp16_and_prefixed_files(tmp_path, dtype, prefix):
+    """Files as users have them: bf16 / fp16 weights, keys with a checkpoint's
+    ``model.diffusion_model.`` prefix; the stock loader and the workers read them alike."""
+    from safetensors.torch import load_file, save_file
+    sd = load_file(str(cached_model_files()["wan21_t2v"]))
+    path = tmp_path / "wan.safetensors"
+    save_file({prefix + k: v.to(dtype) for k, v in sd.items()}, str(path))
+    pos, neg = _conds(5)
+    diff, _ = _stock_vs_pp(comfy.sd.load_diffusion_model(str(path)), load_on_disk(str(path)), pos, neg,
+                           EMPTY["samples"], seed=3, steps=2, cfg=3.0, sampler_name="euler", scheduler="simple")
+    print(f"Wan {dtype} file, prefix {prefix!r}: max|diff| {diff:.2e}")
+    assert diff <= TOL
