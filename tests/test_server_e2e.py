@@ -371,3 +371,107 @@ def test_wan22_two_model_handoff_with_lora(pp_srv):
     diff = (a - b).abs().max().item()
     print(f"Wan 2.2-style handoff + LoRA 0.8: max|diff| {diff:.2e}, |stock| max {a.abs().max().item():.2f}")
     assert a.abs().max().item() > 0.1 and diff <= TOL
+
+
+# ---------------------------------------------------------------------------------------
+# more model families and files through the server (stock graph vs PP graph)
+# ---------------------------------------------------------------------------------------
+
+def _graph(loader: str, unet: str, pp: bool, cond_dim: int, latent_len: int, tag: str, steps=2, cfg=3.0,
+           pooled_dim=0, extra_cond=None, lora=None, devices="cpu,cpu") -> dict:
+    """loader → (LoRA) → (PP) KSampler → SaveLatent, random conditioning of ``cond_dim``,
+    a 64x64 video latent of ``latent_len`` frames; ``extra_cond(g)`` may rewire the conditioning."""
+    g = {
+        "1": {"class_type": loader, "inputs": {"unet_name": unet, "weight_dtype": "default"}},
+        "2": {"class_type": "PPTestConditioning", "inputs": {"seed": 1, "length": 8, "dim": cond_dim,
+                                                             "pooled_dim": pooled_dim, "scale": 1.0}},
+        "3": {"class_type": "PPTestConditioning", "inputs": {"seed": 2, "length": 8, "dim": cond_dim,
+                                                             "pooled_dim": pooled_dim, "scale": 1.0}},
+        "4": {"class_type": "EmptyHunyuanLatentVideo" if latent_len else "EmptySD3LatentImage",
+              "inputs": ({"width": 64, "height": 64, "length": latent_len, "batch_size": 1} if latent_len
+                         else {"width": 64, "height": 64, "batch_size": 1})},
+        "5": {"class_type": "PPKSampler" if pp else "KSampler",
+              "inputs": {"model": ["1", 0], "positive": ["2", 0], "negative": ["3", 0], "latent_image": ["4", 0],
+                         "seed": 3, "steps": steps, "cfg": cfg, "sampler_name": "euler", "scheduler": "simple",
+                         "denoise": 1.0}},
+        "6": {"class_type": "SaveLatent", "inputs": {"samples": ["5", 0],
+                                                     "filename_prefix": f"latents/{tag}_{'pp' if pp else 'stock'}"}},
+    }
+    if pp:
+        g["7"] = {"class_type": "PPWorkerGroup", "inputs": {"devices": devices, "backend": "local"}}
+        g["5"]["inputs"]["group"] = ["7", 0]
+    if lora:
+        g["8"] = {"class_type": "LoraLoaderModelOnly",
+                  "inputs": {"model": ["1", 0], "lora_name": lora, "strength_model": 0.8}}
+        g["5"]["inputs"]["model"] = ["8", 0]
+    if extra_cond:
+        extra_cond(g)
+    return g
+
+
+def _pair(srv, tag, timeout, **kw):
+    stock = run_ok(srv, _graph("UNETLoader", pp=False, tag=tag, **kw), timeout)
+    pp = run_ok(srv, _graph("PPLoadDiffusionModel", pp=True, tag=tag, **kw), timeout)
+    a, b = srv.read_latent(stock), srv.read_latent(pp)
+    diff = (a - b).abs().max().item()
+    print(f"[{tag}] max|diff| {diff:.2e}, |stock| max {a.abs().max().item():.2f}, shape {tuple(a.shape)}")
+    assert a.shape == b.shape and a.abs().max().item() > 0.1 and diff <= TOL
+    return diff
+
+
+def _link_model(srv, name, path):
+    link = srv.base / "models" / "diffusion_models" / name
+    if not link.exists():
+        os.symlink(path, link)
+    return name
+
+
+def test_flux_fp8_file_lora_08_pp_loader(pp_srv):
+    """Flux (the test file stores fp8_e4m3fn weights) with a LoRA at strength 0.8:
+    UNETLoader → LoraLoaderModelOnly → KSampler against PP Load Diffusion Model →
+    LoraLoaderModelOnly → PP KSampler."""
+    import torch
+    from safetensors.torch import save_file
+
+    pp_srv.require_nodes("LoraLoaderModelOnly")
+    (pp_srv.base / "models" / "loras").mkdir(parents=True, exist_ok=True)
+    g = torch.Generator().manual_seed(3)
+    lora = {}
+    for base, (o, i) in {"double_blocks.0.img_attn.qkv": (9216, 3072), "single_blocks.0.linear1": (21504, 3072)}.items():
+        lora[f"diffusion_model.{base}.lora_up.weight"] = torch.randn(o, 4, generator=g) * 0.05
+        lora[f"diffusion_model.{base}.lora_down.weight"] = torch.randn(4, i, generator=g) * 0.05
+        lora[f"diffusion_model.{base}.alpha"] = torch.tensor(4.0)
+    save_file(lora, str(pp_srv.base / "models" / "loras" / "pp_tiny_flux_lora.safetensors"))
+    _pair(pp_srv, "flux_lora", FLUX_T, unet="pp_tiny_flux1_dev.safetensors", cond_dim=4096, pooled_dim=768,
+          latent_len=0, lora="pp_tiny_flux_lora.safetensors")
+
+
+def test_wan21_image_to_video(pp_srv):
+    """Wan 2.1 i2v: image latent, mask and CLIP vision features in the conditioning (what
+    WanImageToVideo adds) reach the model on the workers."""
+    from wan_files import wan_file
+    pp_srv.require_nodes("PPTestImageToVideo")
+    name = _link_model(pp_srv, "pp_tiny_wan21_i2v.safetensors", str(wan_file("i2v")))
+
+    def i2v(g):
+        g["9"] = {"class_type": "PPTestImageToVideo",
+                  "inputs": {"positive": ["2", 0], "negative": ["3", 0], "latent": ["4", 0], "seed": 4}}
+        g["5"]["inputs"].update(positive=["9", 0], negative=["9", 1])
+    _pair(pp_srv, "wan_i2v", WAN_T, unet=name, cond_dim=4096, latent_len=5, extra_cond=i2v)
+
+
+@pytest.mark.parametrize("edit", [False, True], ids=["t2i", "edit-reference-latent"])
+def test_qwen_image(pp_srv, edit):
+    """Qwen-Image text-to-image, and an edit with a reference latent (ReferenceLatent, as
+    TextEncodeQwenImageEdit does): the reference tokens are dropped inside the model."""
+    from make_models import cached_model_files
+    pp_srv.require_nodes("ReferenceLatent")
+    name = _link_model(pp_srv, "pp_tiny_qwen_image.safetensors", str(cached_model_files()["qwen_image"]))
+
+    def reference(g):
+        g["10"] = {"class_type": "PPTestNoisyLatent", "inputs": {"samples": ["4", 0], "seed": 8, "scale": 1.0}}
+        g["11"] = {"class_type": "ReferenceLatent", "inputs": {"conditioning": ["2", 0], "latent": ["10", 0]}}
+        g["12"] = {"class_type": "ReferenceLatent", "inputs": {"conditioning": ["3", 0], "latent": ["10", 0]}}
+        g["5"]["inputs"].update(positive=["11", 0], negative=["12", 0])
+    _pair(pp_srv, f"qwen_{'edit' if edit else 't2i'}", FLUX_T, unet=name, cond_dim=3584, latent_len=1, cfg=2.5,
+          extra_cond=reference if edit else None)

@@ -17,6 +17,7 @@ COMFY_ROOT = require_comfy()
 import comfy.sample  # noqa: E402
 import comfy.sd  # noqa: E402
 from make_models import cached_model_files, make_wan21_t2v  # noqa: E402
+from wan_files import wan_file  # noqa: E402
 
 from pp_runtime.comfy_bridge import load_on_disk  # noqa: E402
 from pp_runtime.comfy_job import prepare_comfy_job  # noqa: E402
@@ -185,22 +186,11 @@ def test_fp8_weight_dtype_option():
     assert diff <= TOL
 
 
-def _wan_file(path, **cfg):
-    """A tiny Wan file of another kind (i2v, Wan 2.2 5B) in the stock loader's layout."""
-    import comfy.ops
-    from comfy.ldm.wan.model import WanModel
-    from make_models import _write
-    base = dict(model_type="t2v", patch_size=(1, 2, 2), in_dim=16, dim=128, ffn_dim=256, freq_dim=256, text_dim=4096,
-                out_dim=16, num_heads=1, num_layers=2, qk_norm=True, cross_attn_norm=True, eps=1e-6)
-    model = WanModel(**{**base, **cfg}, device="meta", operations=comfy.ops.disable_weight_init)
-    return _write(model, path, torch.float32, 7)
-
-
 def test_wan21_image_to_video(tmp_path):
     """Wan 2.1 i2v: the image latent and mask in the conditioning (WanImageToVideo) and
     CLIP vision features (clip_vision_output) reach the model on the workers."""
     import comfy.clip_vision
-    path = _wan_file(tmp_path / "wan_i2v.safetensors", model_type="i2v", in_dim=36)
+    path = wan_file("i2v")
     model = comfy.sd.load_diffusion_model(str(path))
     assert type(model.model).__name__ == "WAN21" and model.model.diffusion_model.img_emb is not None
     g = torch.Generator().manual_seed(8)
@@ -220,7 +210,7 @@ def test_wan21_image_to_video(tmp_path):
 def test_wan22_ti2v_5b_image_to_video(tmp_path):
     """Wan 2.2 5B (48 latent channels, per-frame timesteps): image-to-video with the first
     frame given through the latent's noise mask (Wan22ImageToVideoLatent)."""
-    path = _wan_file(tmp_path / "wan22_5b.safetensors", in_dim=48, out_dim=48)
+    path = wan_file("wan22_5b")
     model = comfy.sd.load_diffusion_model(str(path))
     assert type(model.model).__name__ == "WAN22"
     g = torch.Generator().manual_seed(9)

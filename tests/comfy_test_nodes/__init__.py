@@ -65,7 +65,40 @@ class PPTestNoisyLatent:
         return (out,)
 
 
+class PPTestImageToVideo:
+    """What WanImageToVideo adds to the conditioning, from seeded random tensors instead of
+    a VAE and a CLIP vision model: ``concat_latent_image``, ``concat_mask`` (first frame
+    given) and ``clip_vision_output`` (penultimate hidden states [1, 257, 1280])."""
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {"required": {
+            "positive": ("CONDITIONING",), "negative": ("CONDITIONING",), "latent": ("LATENT",),
+            "seed": ("INT", {"default": 0, "min": 0, "max": 2**31 - 1}),
+        }}
+
+    RETURN_TYPES = ("CONDITIONING", "CONDITIONING")
+    FUNCTION = "make"
+    CATEGORY = "_for_testing/pp"
+
+    def make(self, positive, negative, latent, seed):
+        import comfy.clip_vision
+        import node_helpers
+        x = latent["samples"]
+        g = torch.Generator().manual_seed(int(seed))
+        image = torch.randn((1,) + tuple(x.shape[1:]), generator=g)
+        mask = torch.ones((1, 1) + tuple(x.shape[2:]))
+        mask[:, :, :1] = 0.0
+        clip = comfy.clip_vision.Output()
+        clip["penultimate_hidden_states"] = torch.randn(1, 257, 1280, generator=g)
+        values = {"concat_latent_image": image, "concat_mask": mask, "clip_vision_output": clip}
+        return (node_helpers.conditioning_set_values(positive, values),
+                node_helpers.conditioning_set_values(negative, values))
+
+
 NODE_CLASS_MAPPINGS = {"PPTestConditioning": PPTestConditioning,
-                       "PPTestNoisyLatent": PPTestNoisyLatent}
+                       "PPTestNoisyLatent": PPTestNoisyLatent,
+                       "PPTestImageToVideo": PPTestImageToVideo}
 NODE_DISPLAY_NAME_MAPPINGS = {"PPTestConditioning": "PP Test Conditioning (random, tests only)",
-                              "PPTestNoisyLatent": "PP Test Noisy Latent (tests only)"}
+                              "PPTestNoisyLatent": "PP Test Noisy Latent (tests only)",
+                              "PPTestImageToVideo": "PP Test Image to Video (tests only)"}
