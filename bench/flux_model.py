@@ -152,6 +152,39 @@ class MemoryProbe:
             os.replace(path + ".tmp", path)
 
 
+class BenchStage:
+    """What the bench adds to a family adapter: the memory probe around each stage call,
+    and the ``nn.Module``-like calls ``build_stage`` makes on what a factory returns.
+    Mixed in before the adapter class (``class FluxBench(BenchStage, FluxStaged)``)."""
+
+    def __init__(self, model, dtype, stage, device):
+        super().__init__(model)
+        self.dtype = dtype
+        self.probe = MemoryProbe(device, stage)
+
+    def run_blocks(self, start, end, state):
+        self.probe.enter()
+        out = super().run_blocks(start, end, state)
+        self.probe.leave()
+        return out
+
+    def head(self, state):
+        out = super().head(state)
+        self.probe.leave()
+        return out
+
+    def eval(self):
+        self.model.eval()
+        return self
+
+    def requires_grad_(self, flag: bool = True):
+        self.model.requires_grad_(flag)
+        return self
+
+    def param_bytes(self) -> int:
+        return sum(p.numel() * p.element_size() for p in self.model.parameters())
+
+
 _BENCH_CLS = None
 
 
@@ -162,12 +195,7 @@ def _bench_cls():
         return _BENCH_CLS
     from pp_runtime.models.flux import FluxStaged
 
-    class FluxBench(FluxStaged):
-        def __init__(self, model, dtype, stage, device):
-            super().__init__(model)
-            self.dtype = dtype
-            self.probe = MemoryProbe(device, stage)
-
+    class FluxBench(BenchStage, FluxStaged):
         def embed(self, x, timestep, context, y=None, guidance=None, **kwargs):
             self.probe.enter()
             x = x.to(self.dtype)  # AsyncLatents: waits here for the latents
@@ -178,28 +206,6 @@ def _bench_cls():
             y = y.to(self.dtype) if y is not None else None
             guidance = guidance.to(torch.float32) if guidance is not None else None
             return super().embed(x, t, context, y=y, guidance=guidance, **kwargs)
-
-        def run_blocks(self, start, end, state):
-            self.probe.enter()
-            out = super().run_blocks(start, end, state)
-            self.probe.leave()
-            return out
-
-        def head(self, state):
-            out = super().head(state)
-            self.probe.leave()
-            return out
-
-        def eval(self):
-            self.model.eval()
-            return self
-
-        def requires_grad_(self, flag: bool = True):
-            self.model.requires_grad_(flag)
-            return self
-
-        def param_bytes(self) -> int:
-            return sum(p.numel() * p.element_size() for p in self.model.parameters())
 
     _BENCH_CLS = FluxBench
     return FluxBench

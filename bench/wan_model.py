@@ -40,7 +40,7 @@ import sys
 import torch
 from torch import nn
 
-from bench.flux_model import MemoryProbe, _param_seed, comfy_root
+from bench.flux_model import BenchStage, _param_seed, comfy_root
 
 _WAN21_14B = dict(model_type="t2v", patch_size=(1, 2, 2), text_len=512, in_dim=16, dim=5120, ffn_dim=13824,
                   freq_dim=256, text_dim=4096, out_dim=16, num_heads=40, num_layers=40, window_size=(-1, -1),
@@ -102,12 +102,7 @@ def _bench_cls():
         return _BENCH_CLS
     from pp_runtime.models.wan import WanStaged
 
-    class WanBench(WanStaged):
-        def __init__(self, model, dtype, stage, device):
-            super().__init__(model)
-            self.dtype = dtype
-            self.probe = MemoryProbe(device, stage)
-
+    class WanBench(BenchStage, WanStaged):
         def embed(self, x, timestep, context, **kwargs):
             self.probe.enter()
             x = x.to(self.dtype)  # AsyncLatents: waits here for the latents
@@ -117,28 +112,6 @@ def _bench_cls():
                 t = t.expand(x.shape[0])
             context = context.to(self.dtype)
             return super().embed(x, t, context, **kwargs)
-
-        def run_blocks(self, start, end, state):
-            self.probe.enter()
-            out = super().run_blocks(start, end, state)
-            self.probe.leave()
-            return out
-
-        def head(self, state):
-            out = super().head(state)
-            self.probe.leave()
-            return out
-
-        def eval(self):
-            self.model.eval()
-            return self
-
-        def requires_grad_(self, flag: bool = True):
-            self.model.requires_grad_(flag)
-            return self
-
-        def param_bytes(self) -> int:
-            return sum(p.numel() * p.element_size() for p in self.model.parameters())
 
     _BENCH_CLS = WanBench
     return WanBench
