@@ -69,8 +69,8 @@ def comfy_root() -> Path:
                        f"(looked in {', '.join(str(c) for c in cands)})")
 
 
-def import_comfy(cpu: bool):
-    """Import ComfyUI's Flux and ops.  ``cpu``: ComfyUI's CPU mode (the host, which only
+def import_comfy(cpu: bool, module: str = "comfy.ldm.flux.model", cls: str = "Flux"):
+    """Import ComfyUI's ops and a model class (Flux by default).  ``cpu``: ComfyUI's CPU mode (the host, which only
     builds on the meta device, and CPU workers); else its CUDA mode (GPU workers).  Either
     way attention is PyTorch's SDPA, as ComfyUI picks on NVIDIA."""
     root = str(comfy_root())
@@ -81,9 +81,10 @@ def import_comfy(cpu: bool):
         args.cpu = bool(cpu)
         args.use_pytorch_cross_attention = True
     import comfy.model_management  # noqa: F401
+    import importlib
+
     import comfy.ops
-    from comfy.ldm.flux.model import Flux
-    return comfy.ops, Flux
+    return comfy.ops, getattr(importlib.import_module(module), cls)
 
 
 def _param_seed(seed: int, name: str) -> int:
@@ -91,14 +92,16 @@ def _param_seed(seed: int, name: str) -> int:
 
 
 @torch.no_grad()
-def init_weights(module: nn.Module, seed: int) -> None:
+def init_weights(module: nn.Module, seed: int, is_scale=lambda name: name.endswith("scale")) -> None:
+    """Seeded per parameter name: N(0, 1/fan_in) matrices, 1 + N(0, 0.02) norm scales
+    (``is_scale``), N(0, 0.02) biases."""
     for name, p in module.named_parameters():
         g = torch.Generator(device=p.device)
         g.manual_seed(_param_seed(seed, name))
         w = torch.randn(p.shape, generator=g, device=p.device, dtype=torch.float32)
         if p.dim() >= 2:
             w *= p[0].numel() ** -0.5  # N(0, 1/fan_in)
-        elif name.endswith("scale"):
+        elif is_scale(name):
             w = w.mul_(0.02).add_(1.0)
         else:
             w *= 0.02

@@ -35,12 +35,12 @@ batch (unlike Flux, where ComfyUI feeds sigma = t / 1000).
 from __future__ import annotations
 
 import gc
-import sys
 
 import torch
 from torch import nn
 
-from bench.flux_model import BenchStage, _param_seed, comfy_root
+from bench import flux_model
+from bench.flux_model import BenchStage
 
 _WAN21_14B = dict(model_type="t2v", patch_size=(1, 2, 2), text_len=512, in_dim=16, dim=5120, ffn_dim=13824,
                   freq_dim=256, text_dim=4096, out_dim=16, num_heads=40, num_layers=40, window_size=(-1, -1),
@@ -60,37 +60,13 @@ def input_dims(config: str) -> dict:
 
 
 def import_comfy(cpu: bool):
-    """ComfyUI's ops and WanModel; CPU mode for the host and CPU workers, CUDA mode on GPU
-    workers; attention is PyTorch's SDPA either way (what ComfyUI picks on NVIDIA)."""
-    root = str(comfy_root())
-    if root not in sys.path:
-        sys.path.insert(0, root)
-    from comfy.cli_args import args
-    if "comfy.model_management" not in sys.modules:  # args are read once, at its import
-        args.cpu = bool(cpu)
-        args.use_pytorch_cross_attention = True
-    import comfy.model_management  # noqa: F401
-    import comfy.ops
-    from comfy.ldm.wan.model import WanModel
-    return comfy.ops, WanModel
+    return flux_model.import_comfy(cpu, "comfy.ldm.wan.model", "WanModel")
 
 
-@torch.no_grad()
 def init_weights(module: nn.Module, seed: int) -> None:
-    for name, p in module.named_parameters():
-        g = torch.Generator(device=p.device)
-        g.manual_seed(_param_seed(seed, name))
-        w = torch.randn(p.shape, generator=g, device=p.device, dtype=torch.float32)
-        if p.dim() >= 2:
-            w *= p[0].numel() ** -0.5  # N(0, 1/fan_in)
-        elif "norm" in name.rsplit(".", 2)[-2] and name.endswith("weight"):
-            w = w.mul_(0.02).add_(1.0)  # RMSNorm / affine LayerNorm scales
-        else:
-            w *= 0.02  # biases
-        p.copy_(w)
-        del w
-    for name, _ in module.named_buffers():
-        raise RuntimeError(f"unexpected buffer {name}: the bench only initialises parameters")
+    """As flux_model's, with Wan's norm scales (RMSNorm / affine LayerNorm ``weight``)."""
+    flux_model.init_weights(module, seed, lambda name: "norm" in name.rsplit(".", 2)[-2]
+                            and name.endswith("weight"))
 
 
 _BENCH_CLS = None
