@@ -229,7 +229,11 @@ def pp_sample(model, group, positive, negative, latent_image, **kw):
     if result["interrupted"]:
         raise comfy.model_management.InterruptProcessingException()
     out = latent_image.copy()
-    out["samples"] = result["latents"]
+    latents = result["latents"]
+    if isinstance(latents, list):  # LTX-2: the video and audio latents, as the stock sampler returns them
+        import comfy.nested_tensor
+        latents = comfy.nested_tensor.NestedTensor(latents)
+    out["samples"] = latents
     return (out,)
 
 

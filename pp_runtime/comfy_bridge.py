@@ -14,6 +14,7 @@ Both sides use ComfyUI's own model code (``comfy.*``, no server modules):
 from __future__ import annotations
 
 import atexit
+import contextlib
 import json
 import math
 import os
@@ -42,33 +43,29 @@ def dtype_of(name):
     return None if name is None else getattr(torch, name)
 
 
-# -- adapters -----------------------------------------------------------------------
-def adapter_for(diffusion_model):
-    """The family adapter for a ComfyUI diffusion model (one file per family)."""
-    from comfy.ldm.flux.model import Flux
-    from comfy.ldm.qwen_image.model import QwenImageTransformer2DModel
-    from comfy.ldm.wan.model import WanModel
-    if isinstance(diffusion_model, WanModel):
-        from .models.wan import WanStaged
-        return WanStaged(diffusion_model)
-    if isinstance(diffusion_model, Flux):
-        from .models.flux import FluxStaged
-        return FluxStaged(diffusion_model)
-    if isinstance(diffusion_model, QwenImageTransformer2DModel):
-        from .models.qwen_image import QwenImageStaged
-        return QwenImageStaged(diffusion_model)
-    raise CarryError(f"pipeline-parallel sampling has no adapter for {type(diffusion_model).__name__} yet; "
-                     f"supported: Wan 2.1 (WanModel), Flux (Flux.1, Kontext, Flux.2), "
-                     f"Qwen-Image (QwenImageTransformer2DModel: text-to-image, Edit)")
-
-
+# -- staging -------------------------------------------------------------------------
 def model_profile(diffusion_model) -> dict:
-    a = adapter_for(diffusion_model)
-    missing = a.unplaced()
+    """The family of a ComfyUI diffusion model and what the split needs to know of it
+    (refused here, with the reason, if the model cannot be staged)."""
+    from .families import UnsupportedModel, family_for
+    from .staging import profile, unplaced
+    try:
+        fam = family_for(diffusion_model)
+    except UnsupportedModel as e:
+        raise CarryError(str(e)) from None
+    missing = unplaced(diffusion_model, fam)
     if missing:
-        raise CarryError(f"the {type(a).__name__} adapter places no stage for weights {missing[:5]}")
-    return {"num_blocks": a.num_blocks, "costs": a.block_costs(), "block_bytes": a.block_bytes(),
-            "first_bytes": a.embed_bytes(), "last_bytes": a.head_bytes(), "family": type(a).__name__}
+        raise CarryError(f"the {fam.name} staging table places no stage for weights {missing[:5]}")
+    return profile(diffusion_model, fam)
+
+
+def stage_prefixes(diffusion_model, ranges: list[tuple[int, int]]) -> list[list[str]]:
+    """Per stage, the weight-name prefixes it loads (its blocks and the shared weights)."""
+    from .families import family_for
+    from .staging import stage_prefixes as prefixes
+    fam = family_for(diffusion_model)
+    last = len(ranges) - 1
+    return [prefixes(diffusion_model, fam, a, b, i == 0, i == last) for i, (a, b) in enumerate(ranges)]
 
 
 # -- model from a file header ---------------------------------------------------------
@@ -145,12 +142,85 @@ def stock_dtypes(config, sd, weight_dtype=None):
     return unet_dtype, manual
 
 
-def meta_base_model(path: str, dtype, manual_cast):
-    """ComfyUI's BaseModel for the file, its diffusion model on the meta device."""
-    config, prefix, sd = detect(path)
-    config.set_inference_dtype(dtype, manual_cast)
-    base = config.get_model(sd, "", device="meta")
+def pack_config(model_config) -> dict | None:
+    """The model config of a MODEL as JSON (its ``comfy.supported_models`` class and
+    ``unet_config``), so that the workers build exactly the class the ComfyUI process has
+    (a stock-loader MODEL may have been detected with file metadata an export does not
+    keep).  None where it cannot be carried: the workers then detect from the file."""
+    import comfy.supported_models as sm
+    name = type(model_config).__name__
+    if getattr(sm, name, None) is not type(model_config):
+        return None
+
+    def enc(v):
+        if isinstance(v, torch.dtype):
+            return {"__dtype__": dtype_name(v)}
+        if isinstance(v, tuple):
+            return {"__tuple__": [enc(x) for x in v]}
+        if isinstance(v, list):
+            return [enc(x) for x in v]
+        if isinstance(v, dict):
+            return {str(k): enc(x) for k, x in v.items()}
+        if v is None or isinstance(v, (bool, int, float, str)):
+            return v
+        raise TypeError(type(v).__name__)
+    try:
+        return {"class": name, "unet_config": enc(model_config.unet_config)}
+    except TypeError:
+        return None
+
+
+def unpack_config(spec: dict):
+    import comfy.supported_models as sm
+
+    def dec(v):
+        if isinstance(v, dict) and "__dtype__" in v:
+            return dtype_of(v["__dtype__"])
+        if isinstance(v, dict) and "__tuple__" in v:
+            return tuple(dec(x) for x in v["__tuple__"])
+        if isinstance(v, dict):
+            return {k: dec(x) for k, x in v.items()}
+        if isinstance(v, list):
+            return [dec(x) for x in v]
+        return v
+    return getattr(sm, spec["class"])(dec(spec["unet_config"]))
+
+
+def meta_base_model(path: str, dtype, manual_cast, config: dict | None = None):
+    """ComfyUI's BaseModel for the file, its diffusion model on the meta device: the carried
+    ``config`` (``pack_config``), else the one ComfyUI's detection finds in the file."""
+    if config is None:
+        model_config, prefix, sd = detect(path)
+    else:
+        import comfy.utils
+        prefix, sd, _, _ = converted_header(path)
+        model_config = unpack_config(config)
+        quant = comfy.utils.detect_layer_quantization(sd, "")
+        if quant:
+            model_config.quant_config = quant
+    model_config.set_inference_dtype(dtype, manual_cast)
+    with parameters_on_meta():
+        base = model_config.get_model(sd, "", device="cpu")
     return base, prefix
+
+
+@contextlib.contextmanager
+def parameters_on_meta():
+    """Build a model with every parameter on the meta device but its buffers real, on the
+    CPU: buffers that a model computes in its constructor and does not save
+    (``persistent=False``, e.g. Cosmos' RoPE ranges) cannot be read from the file.  A
+    parameter is allocated (uninitialised, untouched) only for the moment of its creation."""
+    register = torch.nn.Module.register_parameter
+
+    def to_meta(module, name, param):
+        if param is not None and not param.is_meta:
+            param = torch.nn.Parameter(param.data.to("meta"), requires_grad=param.requires_grad)
+        register(module, name, param)
+    torch.nn.Module.register_parameter = to_meta
+    try:
+        yield
+    finally:
+        torch.nn.Module.register_parameter = register
 
 
 def read_tensors(path: str, keys: list[str]):
@@ -177,7 +247,8 @@ def load_stage_weights(diffusion_model, path: str, file_prefix: str, prefixes: l
     _, sd, _, file_key = converted_header(path)
     wanted = [k for k in sd if k.startswith(tuple(prefixes))]
     params = dict(list(diffusion_model.named_parameters()) + list(diffusion_model.named_buffers()))
-    missing = [n for n in params if n.startswith(tuple(prefixes)) and n not in sd]
+    saved = saved_names(diffusion_model)  # not the buffers a model computes itself
+    missing = [n for n in params if n in saved and n.startswith(tuple(prefixes)) and n not in sd]
     if missing:
         raise CarryError(f"{os.path.basename(path)} has no tensor {file_prefix + missing[0]!r} (and "
                          f"{len(missing) - 1} more) for this stage")
@@ -204,6 +275,17 @@ def load_stage_weights(diffusion_model, path: str, file_prefix: str, prefixes: l
         if part:
             diffusion_model.get_submodule(pre.rstrip(".")).load_state_dict(part, strict=False, assign=True)
     return nbytes
+
+
+def saved_names(model) -> set[str]:
+    """Names of the parameters and saved buffers of a model (its state dict's keys, without
+    asking quantized layers that have not been loaded yet for their state)."""
+    out = {n for n, _ in model.named_parameters()}
+    for prefix, module in model.named_modules():
+        for name, buf in module._buffers.items():
+            if buf is not None and name not in module._non_persistent_buffers_set:
+                out.add(f"{prefix}.{name}" if prefix else name)
+    return out
 
 
 _EXPORTS: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
@@ -348,23 +430,26 @@ def pack_weight_patches(model, stage_prefixes: list[list[str]]) -> tuple[dict, l
     """The MODEL's weight patches (LoRA ...), cut by stage.
 
     Returns (JSON per key, tensors per stage): stage ``s`` gets only the tensors of the
-    keys its weights live under, so each worker receives its own stage's patches only.
+    keys its weights live under (a block's patches go to its stage; those of the shared
+    weights that every stage holds, to every stage), so each worker receives what it uses.
     """
     meta, per_stage = {}, [{} for _ in stage_prefixes]
     for key, plist in model.patches.items():
         if not key.startswith(DM):
             continue
         rel = key[len(DM):]
-        stage = next((i for i, pre in enumerate(stage_prefixes) if rel.startswith(tuple(pre))), None)
-        if stage is None:
+        stages = [i for i, pre in enumerate(stage_prefixes) if rel.startswith(tuple(pre))]
+        if not stages:
             raise CarryError(f"weight patch for '{key}' matches no stage")
-        entries = []
+        entries, tensors = [], {}
         for j, (strength_patch, data, strength_model, offset, function) in enumerate(plist):
             if function is not None:
                 raise CarryError(f"weight patch for '{key}' has a custom function; PP KSampler cannot carry it")
             entries.append({"strength_patch": strength_patch, "strength_model": strength_model,
-                            "offset": offset, "data": _pack_value(data, f"wp.{key}.{j}", per_stage[stage])})
-        meta[key] = {"stage": stage, "entries": entries}
+                            "offset": offset, "data": _pack_value(data, f"wp.{key}.{j}", tensors)})
+        for i in stages:
+            per_stage[i].update(tensors)
+        meta[key] = {"stages": stages, "entries": entries}
     return meta, per_stage
 
 
@@ -372,7 +457,7 @@ def unpack_weight_patches(meta: dict, tensors: dict, stage: int) -> dict:
     """{key: [patch tuples]} for this stage, as ModelPatcher.patches holds them."""
     out = {}
     for key, spec in meta.items():
-        if spec["stage"] != stage:
+        if stage not in spec["stages"]:
             continue
         out[key] = [(e["strength_patch"], _unpack_value(e["data"], tensors), e["strength_model"],
                      tuple(e["offset"]) if e["offset"] is not None else None, None) for e in spec["entries"]]
@@ -438,6 +523,24 @@ def unpack_conditioning(name: str, meta: list, tensors: dict) -> list:
     return out
 
 
+def pack_latent(name: str, value) -> dict:
+    """A LATENT tensor, or a NestedTensor (LTX-2: video + audio), as named tensors."""
+    if getattr(value, "is_nested", False):
+        return {f"{name}#{i}": t for i, t in enumerate(value.unbind())}
+    return {name: value}
+
+
+def unpack_latent(name: str, tensors: dict):
+    """The inverse of ``pack_latent``; None if absent."""
+    if name in tensors:
+        return tensors[name]
+    parts = sorted((int(k.rpartition("#")[2]), v) for k, v in tensors.items() if k.startswith(name + "#"))
+    if not parts:
+        return None
+    import comfy.nested_tensor
+    return comfy.nested_tensor.NestedTensor([v for _, v in parts])
+
+
 def json_roundtrip(x):
     """Refuse anything the JSON control channel cannot carry, early."""
     return json.loads(json.dumps(x))
@@ -453,7 +556,8 @@ def load_on_disk(path: str, weight_dtype=None):
     config, _, sd = detect(path)
     dtype, manual = stock_dtypes(config, sd, weight_dtype)
     base, _ = meta_base_model(path, dtype, manual)
-    base.pp_source = {"path": os.path.abspath(path), "dtype": dtype_name(dtype), "manual_cast": dtype_name(manual)}
+    base.pp_source = {"path": os.path.abspath(path), "dtype": dtype_name(dtype), "manual_cast": dtype_name(manual),
+                      "config": pack_config(config)}
 
     class OnDiskModelPatcher(comfy.model_patcher.ModelPatcher):
         def _refuse(self, *args, **kwargs):

@@ -30,7 +30,7 @@ def weights_source(model, free_host_copy: bool = False) -> dict:
     except cb.CarryError as e:
         raise JobError(str(e)) from e
     src = {"path": path, "dtype": cb.dtype_name(base.get_dtype()),
-           "manual_cast": cb.dtype_name(base.manual_cast_dtype)}
+           "manual_cast": cb.dtype_name(base.manual_cast_dtype), "config": cb.pack_config(base.model_config)}
     if free_host_copy:
         base.diffusion_model.to("meta")
         base.pp_source = src
@@ -39,6 +39,8 @@ def weights_source(model, free_host_copy: bool = False) -> dict:
 
 def check_latent(model, samples: torch.Tensor) -> torch.Tensor:
     import comfy.sample
+    if getattr(samples, "is_nested", False):  # LTX-2's video + audio latents: ComfyUI's own checks only
+        return samples
     fmt = model.get_model_object("latent_format")
     fixed = comfy.sample.fix_empty_latent_channels(model, samples)
     family = type(model.model).__name__
@@ -83,9 +85,7 @@ def prepare_comfy_job(world: int, model, positive, negative, latent: dict, *, se
                           last_bytes=profile["last_bytes"], manual=split.get("manual"))
     except ValueError as e:
         raise JobError(f"{e} ({profile['family']} has {profile['num_blocks']} blocks)") from e
-    adapter = cb.adapter_for(model.model.diffusion_model)
-    last = len(sp.counts) - 1
-    prefixes = [adapter.stage_prefixes(a, b, i == 0, i == last) for i, (a, b) in enumerate(sp.ranges)]
+    prefixes = cb.stage_prefixes(model.model.diffusion_model, sp.ranges)
     try:
         patches, stage_tensors = cb.pack_weight_patches(model, prefixes)
     except cb.CarryError as e:
@@ -110,9 +110,9 @@ def prepare_comfy_job(world: int, model, positive, negative, latent: dict, *, se
     }
     tensors.update(pos_t)
     tensors.update(neg_t)
-    tensors["latent.samples"] = samples
+    tensors.update(cb.pack_latent("latent.samples", samples))
     if latent.get("noise_mask") is not None:
-        tensors["latent.noise_mask"] = latent["noise_mask"]
+        tensors.update(cb.pack_latent("latent.noise_mask", latent["noise_mask"]))
     cb.json_roundtrip(job)
     return job, tensors, lambda rank: stage_tensors[topo.coords_of(rank)["pp"]]
 

@@ -4,15 +4,24 @@ The last rank of each pipeline runs ``comfy.sample.sample`` unchanged (the stock
 KSampler's path: sigmas, noise from the seed, conditioning -> model inputs, CFG, every
 sampler) on a ModelPatcher whose ``diffusion_model`` is a ``PipelineProxy``.  Each call
 of the proxy is one *pass*: its inputs (already prepared by ComfyUI's ``_apply_model``)
-go to rank 0 as one tensor dict, rank 0 cuts them into micro-batches and runs embed +
-its blocks on each, activations flow rank to rank, and the last rank runs its blocks +
-head per micro-batch and returns the concatenated output to the sampler.  Rank 0 and the
-middle ranks just loop "receive -> my stage -> send" until a STOP comes down the
-pipeline, which the last rank sends when sampling ends (done or interrupted).
+go to every other rank of the pipeline as one tensor dict; every rank cuts them into the
+same micro-batches and runs ComfyUI's own forward on each, with only its own blocks
+(``staging.StageForward``): rank 0 from the inputs, the others from the hidden state the
+previous rank sends; the last rank's forward runs on into the head, and its outputs,
+concatenated, are the proxy's return value.  The other ranks loop "receive a pass -> my
+stage per micro-batch -> send" until a STOP comes on the pass channel, which the last rank
+sends when sampling ends (done or cancelled).
+
+Cancel: every rank checks between its blocks.  A rank that stops mid-pass sends STOP in
+place of its next output and sends nothing more; a rank that receives STOP passes it on;
+a rank that has stopped still receives what its predecessor sends for this pass (up to
+the pass's micro-batches, or its STOP), so every send has its receive.  The last rank
+then ends sampling and sends the final STOP on the pass channel.
 
 CFG-parallel (a CFG group of 2): both last ranks run the same sampler in lockstep; in
-each pass pipeline 0 computes the cond rows and pipeline 1 the uncond rows, and the last
-ranks exchange their rows (broadcast over the CFG group) so both hold the full output.
+each pass pipeline 0 computes the cond rows and pipeline 1 the uncond rows; the last
+ranks agree on whether the pass was cancelled, then exchange their rows (broadcast over
+the CFG group) so both hold the full output.
 """
 from __future__ import annotations
 
@@ -21,7 +30,9 @@ import torch.distributed as dist
 
 from . import comfy_bridge as cb
 from .comm import PipelineStopped
+from .families import family_for
 from .jobs import Split
+from .staging import StageCancelled, StageForward, stage_prefixes
 from .timeline import Timeline
 
 ROWS = "__rows"  # micro-batch sizes of a pass, in order
@@ -30,18 +41,30 @@ BRANCH = "__branch"  # cond (0) / uncond (1) of each row
 
 # -- placement -----------------------------------------------------------------------
 class ComfyStage:
-    """ComfyUI's model for this rank: meta everywhere except this stage's weights."""
+    """ComfyUI's model for this rank: meta everywhere except this stage's weights (its
+    blocks and the shared non-block weights)."""
 
     def __init__(self, spec: dict, counts: list[int], topo, device):
         hwm0 = _peak_rss()
         start, end = Split(tuple(counts)).ranges[topo.pp_rank]
         self.range = (start, end)
         self.dtype = cb.dtype_of(spec["dtype"])
-        self.base, prefix = cb.meta_base_model(spec["path"], self.dtype, cb.dtype_of(spec.get("manual_cast")))
-        self.adapter = cb.adapter_for(self.base.diffusion_model)
-        prefixes = self.adapter.stage_prefixes(start, end, topo.is_first, topo.is_last)
-        self.bytes_read = cb.load_stage_weights(self.base.diffusion_model, spec["path"], prefix, prefixes, device)
+        self.base, prefix = cb.meta_base_model(spec["path"], self.dtype, cb.dtype_of(spec.get("manual_cast")),
+                                               spec.get("config"))
+        dm = self.base.diffusion_model
+        self.family = family_for(dm)
+        prefixes = stage_prefixes(dm, self.family, start, end, topo.is_first, topo.is_last)
+        self.bytes_read = cb.load_stage_weights(dm, spec["path"], prefix, prefixes, device)
         self.base.model_sampling.to(device)
+        # Buffers the model computes itself (not in the file) go to the device; saved ones of
+        # other stages' blocks (allocated by the constructor, never filled) are dropped.
+        saved = cb.saved_names(dm)
+        for name, buf in list(dm.named_buffers()):
+            if name in saved and not name.startswith(tuple(prefixes)):
+                _set_buffer(dm, name, buf.to("meta"))
+            elif not buf.is_meta and buf.device != torch.device(device):
+                _set_buffer(dm, name, buf.to(device))
+        self.forward = StageForward(dm, self.family, start, end, topo.is_first, topo.is_last)
         # What placing this stage cost in host RAM at its peak (measured, for the tests and the panel).
         self.load_peak_growth = _peak_rss() - hwm0
         self.device, self.stage = device, topo.pp_rank
@@ -88,6 +111,11 @@ class ComfyStage:
         return True
 
 
+def _set_buffer(module, name: str, value) -> None:
+    owner, _, leaf = name.rpartition(".")
+    (module.get_submodule(owner) if owner else module)._buffers[leaf] = value
+
+
 def _peak_rss() -> int:
     """This process's peak resident set (VmHWM), in bytes; 0 where /proc is absent."""
     try:
@@ -98,112 +126,175 @@ def _peak_rss() -> int:
 
 
 # -- pass inputs <-> one tensor dict ----------------------------------------------------
-def encode_pass(x, timestep, context, kwargs: dict, rows: list[int], branch: list[int]) -> dict:
-    out = {"x": x, "timestep": timestep, ROWS: torch.tensor(rows), BRANCH: torch.tensor(branch)}
-    if context is not None:
-        out["context"] = context
-    for k, v in kwargs.items():
+# What of ComfyUI's per-call transformer_options the stages see (the rest are callables of
+# the ComfyUI process, refused when the job is built, or set by the forward itself).
+PASS_OPTIONS = ("sigmas", "sample_sigmas")
+
+
+def rows_of(x) -> int:
+    """Batch rows of a model input: a tensor, or LTX-2's [video, audio] list."""
+    return (x[0] if isinstance(x, (list, tuple)) else x).shape[0]
+
+
+def encode_pass(x, timestep, context, kwargs: dict, rows: list[int], branch: list[int],
+                options: dict | None = None) -> dict:
+    """A pass as one tensor dict: per-row tensors are cut into micro-batches by the receiver
+    (``r.`` keys, or a leading dimension equal to the pass's rows), ``w.`` keys are whole.
+    Keys say what a value was: ``t.`` tensor, ``l.``/``u.`` list/tuple of tensors, ``b.``/``i.``/
+    ``f.``/``s.`` bool/int/float/str, ``n.`` list of numbers."""
+    total = sum(rows)
+    out = {ROWS: torch.tensor(rows), BRANCH: torch.tensor(branch)}
+    for k, v in {"x": x, "timestep": timestep, "context": context, **kwargs}.items():
         if v is None:
             continue
         if torch.is_tensor(v):
             out[f"t.{k}"] = v
-        elif isinstance(v, (list, tuple)) and all(torch.is_tensor(e) for e in v):
+        elif isinstance(v, (list, tuple)) and v and all(torch.is_tensor(e) for e in v):
             for j, e in enumerate(v):
-                out[f"l.{k}.{j}"] = e
+                out[f"{'u' if isinstance(v, tuple) else 'l'}.{k}.{j}"] = e
         elif isinstance(v, bool):
             out[f"b.{k}"] = torch.tensor(v)
         elif isinstance(v, int):
             out[f"i.{k}"] = torch.tensor(v, dtype=torch.int64)
         elif isinstance(v, float):
             out[f"f.{k}"] = torch.tensor(v, dtype=torch.float64)
+        elif isinstance(v, (list, tuple)) and v and all(isinstance(e, (int, float)) and not isinstance(e, bool)
+                                                      for e in v):  # e.g. vace_strength
+            dtype = torch.int64 if all(isinstance(e, int) for e in v) else torch.float64
+            out[f"n.{k}"] = torch.tensor(list(v), dtype=dtype)
         elif isinstance(v, str):  # e.g. ref_latents_method (Kontext / Qwen edit)
             out[f"s.{k}"] = torch.tensor(list(v.encode()), dtype=torch.uint8)
         else:
             raise cb.CarryError(f"model input '{k}' ({type(v).__name__}) cannot cross a stage boundary")
+    for k in PASS_OPTIONS:
+        v = (options or {}).get(k)
+        if not torch.is_tensor(v):
+            continue
+        if k == "sigmas" and v.dim() == 1 and v.shape[0] and total % v.shape[0] == 0:
+            out[f"r.o.{k}"] = v.repeat(total // v.shape[0])  # one per row, like the timestep
+        else:
+            out[f"w.o.{k}"] = v
     return out
 
 
 def decode_pass(msg: dict):
-    """-> list of (model kwargs, branch list) per micro-batch."""
+    """-> list of (model kwargs, branch list, transformer options) per micro-batch."""
     rows = msg[ROWS].tolist()
     branch = msg[BRANCH].tolist()
     total = sum(rows)
-    lists: dict[str, list] = {}
-    kw = {}
+    seqs: dict[tuple, list] = {}
+    kw, opts, row_opts = {}, {}, {}
     for key, v in msg.items():
         if key in (ROWS, BRANCH):
             continue
         kind, _, name = key.partition(".")
-        if key in ("x", "timestep", "context"):
-            kw[key] = v
-        elif kind == "t":
+        if kind == "t":
             kw[name] = v
-        elif kind == "l":
+        elif kind in ("l", "u"):
             n, _, j = name.rpartition(".")
-            lists.setdefault(n, []).append((int(j), v))
+            seqs.setdefault((kind, n), []).append((int(j), v))
         elif kind in ("b", "i", "f"):
             kw[name] = v.item()
         elif kind == "s":
             kw[name] = bytes(v.tolist()).decode()
-    for n, items in lists.items():
-        kw[n] = [v for _, v in sorted(items, key=lambda e: e[0])]
+        elif kind == "n":
+            kw[name] = v.tolist()
+        elif kind == "r":
+            row_opts[name.removeprefix("o.")] = v
+        elif kind == "w":
+            opts[name.removeprefix("o.")] = v
+    for (kind, n), items in seqs.items():
+        values = [v for _, v in sorted(items, key=lambda e: e[0])]
+        kw[n] = tuple(values) if kind == "u" else values
     out, a = [], 0
     for r in rows:
         def cut(v, a=a, r=r):
             if torch.is_tensor(v) and v.dim() > 0 and v.shape[0] == total and (a, r) != (0, total):
                 return v[a:a + r]
-            if isinstance(v, list):
-                return [cut(e) for e in v]
+            if isinstance(v, (list, tuple)):
+                return type(v)(cut(e) for e in v)
             return v
-        out.append(({k: cut(v) for k, v in kw.items()}, branch[a:a + r]))
+        mb_opts = {**opts, **{k: v[a:a + r] for k, v in row_opts.items()}, "cond_or_uncond": branch[a:a + r]}
+        out.append(({k: cut(v) for k, v in kw.items()}, branch[a:a + r], mb_opts))
         a += r
     return out
 
 
+def cat_outputs(outs: list):
+    """Micro-batch outputs in row order: tensors, or LTX-2's [video, audio] lists."""
+    if isinstance(outs[0], (list, tuple)):
+        return [torch.cat([o[j] for o in outs]) for j in range(len(outs[0]))]
+    return torch.cat(outs)
+
+
 # -- the ranks ------------------------------------------------------------------------
 class ComfyPipelineRunner:
-    def __init__(self, ctx, stage: ComfyStage, micro_batch_size: int = 1, batched: bool = False):
+    def __init__(self, ctx, stage: ComfyStage, micro_batch_size: int = 1, batched: bool = False,
+                 cancelled=None, options: dict | None = None):
         self.ctx, self.stage = ctx, stage
         self.topo, self.p2p = ctx.topo, ctx.p2p
         self.micro_batch_size = micro_batch_size
         self.batched = batched
+        self.options = dict(options or {})  # the job's carried transformer options (plain values)
         self.timeline = Timeline(ctx.device, ctx.topo.rank)
         self.passes = 0
+        stage.forward.cancelled = cancelled or (lambda: False)
 
-    def _forward(self, inputs_or_state: dict, label: str, transformer_options: dict | None = None):
-        a, (start, end), topo = self.stage.adapter, self.stage.range, self.topo
+    def _forward(self, kw: dict, opts: dict, state_in, label: str):
+        kw = dict(kw)
+        args = (kw.pop("x"), kw.pop("timestep"))  # positional, as ComfyUI's BaseModel passes them
         with self.timeline.span("compute", label):
-            if topo.is_first:
-                state = a.embed(**inputs_or_state, transformer_options=transformer_options or {})
-            else:
-                a.transformer_options = {}
-                state = inputs_or_state
-            state = a.run_blocks(start, end, state)
-            return a.head(state) if topo.is_last else state
+            return self.stage.forward(args, {**kw, "transformer_options": {**self.options, **opts}}, state_in)
 
-    # rank 0 and middle ranks --------------------------------------------------------
+    def _others(self) -> list[int]:
+        """The ranks of this pipeline that the last rank sends each pass to."""
+        return self.topo.pp_ranks[:-1]
+
+    # every rank but the last -----------------------------------------------------------
     def serve(self) -> None:
-        """Receive -> my stage -> send, until STOP."""
+        """Receive a pass -> my stage per micro-batch -> send, until the final STOP."""
         topo, p2p = self.topo, self.p2p
-        src = topo.last_rank if topo.is_first else topo.prev_rank
         try:
             while True:
                 self.timeline.step = self.passes
-                with self.timeline.span("wait", "pass" if topo.is_first else "activations"):
-                    msg = p2p.irecv_tensor_dict(src).wait()
-                if topo.is_first:
-                    for i, (kw, branch) in enumerate(decode_pass(msg)):
-                        opts = {"cond_or_uncond": branch}
-                        p2p.isend_tensor_dict(self._forward(kw, _label(branch, i), opts), topo.next_rank)
-                    self.passes += 1
-                else:
-                    p2p.isend_tensor_dict(self._forward(msg, "mb"), topo.next_rank)
-                    self.passes += 1
+                with self.timeline.span("wait", "pass"):
+                    msg = p2p.irecv_tensor_dict(topo.last_rank).wait()  # PipelineStopped: sampling ended
+                self.passes += 1
+                if not self._serve_pass(decode_pass(msg)):
+                    # This run is over (cancelled): the last rank's final STOP ends the loop.
+                    p2p.irecv_tensor_dict(topo.last_rank).wait()
+                    raise RuntimeError("the last rank sent another pass after the run was cancelled")
         except PipelineStopped:
-            if topo.next_rank is not None and topo.next_rank != topo.last_rank:
-                p2p.isend_stop(topo.next_rank)
+            pass
         finally:
             p2p.flush()
+
+    def _serve_pass(self, micro_batches) -> bool:
+        """One pass on a non-last rank; False if the run stopped during it."""
+        topo, p2p = self.topo, self.p2p
+        sent_stop = False
+        for i, (kw, branch, opts) in enumerate(micro_batches):
+            state = None
+            if not topo.is_first:
+                with self.timeline.span("wait", f"mb{i}"):
+                    try:
+                        state = p2p.irecv_tensor_dict(topo.prev_rank).wait()
+                    except PipelineStopped:  # the previous rank stopped: nothing more comes from it
+                        if not sent_stop:
+                            p2p.isend_stop(topo.next_rank)
+                        return False
+            if sent_stop:
+                continue  # stopped: only receive what the previous rank still sends
+            try:
+                out = self._forward(kw, opts, state, _label(branch, i))
+            except StageCancelled:
+                p2p.isend_stop(topo.next_rank)
+                sent_stop = True
+                if topo.is_first:
+                    return False
+                continue
+            p2p.isend_tensor_dict(out, topo.next_rank)
+        return not sent_stop
 
     # last rank ----------------------------------------------------------------------
     def run_pass(self, x, timestep, context=None, control=None, transformer_options={}, **kwargs):
@@ -212,67 +303,96 @@ class ComfyPipelineRunner:
         topo = self.topo
         self.timeline.step = self.passes
         self.passes += 1
-        rows = x.shape[0]
+        rows = rows_of(x)
         cou = list(transformer_options.get("cond_or_uncond") or [0])
         per = rows // len(cou)
         branch = [cou[r // per] for r in range(rows)]
         mine = [r for r in range(rows) if topo.cfg_size == 1 or branch[r] == topo.cfg_rank]
-        out_mine = self._run_rows(mine, branch, x, timestep, context, kwargs) if mine else None
+        out_mine, stopped = None, False
+        if mine:
+            out_mine, stopped = self._run_rows(mine, branch, x, timestep, context, kwargs, transformer_options)
+        if self.stop_agreed(stopped):
+            raise PipelineStopped("cancelled")
         if topo.cfg_size == 1:
             return out_mine
         return self._exchange(rows, branch, mine, out_mine)
 
-    def _run_rows(self, mine, branch, x, timestep, context, kwargs):
-        idx = torch.tensor(mine, device=x.device)
-        n = len(mine)
-        pick = (lambda v: v.index_select(0, idx.to(v.device))
-                if torch.is_tensor(v) and v.dim() > 0 and v.shape[0] == x.shape[0] and n != x.shape[0] else v)
-        kw = {k: ([pick(e) for e in v] if isinstance(v, list) else pick(v)) for k, v in kwargs.items()}
+    def _run_rows(self, mine, branch, x, timestep, context, kwargs, options):
+        """This pipeline's rows through its stages; (output, stopped)."""
+        total, n = rows_of(x), len(mine)
+        idx = torch.tensor(mine)
+
+        def pick(v):
+            if isinstance(v, (list, tuple)):
+                return type(v)(pick(e) for e in v)
+            if torch.is_tensor(v) and v.dim() > 0 and v.shape[0] == total and n != total:
+                return v.index_select(0, idx.to(v.device))
+            return v
+        kw = {k: pick(v) for k, v in kwargs.items()}
         x, timestep, context = pick(x), pick(timestep), pick(context)
         size = n if self.batched else self.micro_batch_size
         sizes = [min(size, n - a) for a in range(0, n, size)]
         my_branch = [branch[r] for r in mine]
-        if self.topo.pp_size == 1:
-            msg = encode_pass(x, timestep, context, kw, sizes, my_branch)
-            outs = [self._forward(kwm, _label(b, i), {"cond_or_uncond": b})
-                    for i, (kwm, b) in enumerate(decode_pass(msg))]
-            return torch.cat(outs)
+        msg = encode_pass(x, timestep, context, kw, sizes, my_branch, options)
         p2p, topo = self.p2p, self.topo
-        p2p.isend_tensor_dict(encode_pass(x, timestep, context, kw, sizes, my_branch), topo.first_rank)
-        outs = []
-        for i in range(len(sizes)):
-            with self.timeline.span("wait", f"mb{i}"):
-                state = p2p.irecv_tensor_dict(topo.prev_rank).wait()
-            outs.append(self._forward(state, f"mb{i}"))
-        return torch.cat(outs)
+        if topo.pp_size > 1:
+            for r in self._others():
+                p2p.isend_tensor_dict(msg, r)
+        outs, cancelled = [], False
+        for i, (kwm, b, opts) in enumerate(decode_pass(msg)):
+            state = None
+            if topo.pp_size > 1:
+                with self.timeline.span("wait", f"mb{i}"):
+                    try:
+                        state = p2p.irecv_tensor_dict(topo.prev_rank).wait()
+                    except PipelineStopped:
+                        return None, True
+            if cancelled:
+                continue  # receive what the previous rank still sends for this pass
+            try:
+                outs.append(self._forward(kwm, opts, state, _label(b, i)))
+            except StageCancelled:
+                cancelled = True
+        return (None, True) if cancelled else (cat_outputs(outs), False)
 
     def _exchange(self, rows, branch, mine, out_mine):
-        """Both last ranks of a CFG group end with the full output, rows in order."""
+        """Both last ranks of a CFG group end with the full output, rows in order (the output
+        is a tensor, or LTX-2's [video, audio] list: up to 4 parts of up to 8 dimensions)."""
         ctx, topo = self.ctx, self.topo
         self.p2p.flush()  # nothing point-to-point in flight across a collective
         group_ranks = topo.cfg_ranks
-        full = None
+        full, listed = None, None
         for c in range(topo.cfg_size):
             rows_c = [r for r in range(rows) if branch[r] == c]
             if not rows_c:
                 continue
-            shape = torch.zeros(8, dtype=torch.int64)
+            header = torch.zeros(1 + 4 * 9, dtype=torch.int64)
             if c == topo.cfg_rank:
-                shape[0] = out_mine.dim()
-                shape[1:1 + out_mine.dim()] = torch.tensor(out_mine.shape)
-            dist.broadcast(shape, src=group_ranks[c], group=ctx.cfg_cpu_group)
-            dims = shape[1:1 + int(shape[0])].tolist()
-            buf = out_mine.float().contiguous() if c == topo.cfg_rank else torch.empty(
-                dims, dtype=torch.float32, device=ctx.device)
-            dist.broadcast(buf, src=group_ranks[c], group=ctx.cfg_group)
+                parts = out_mine if isinstance(out_mine, (list, tuple)) else [out_mine]
+                header[0] = len(parts) if isinstance(out_mine, (list, tuple)) else -1
+                for j, t in enumerate(parts):
+                    header[1 + 9 * j] = t.dim()
+                    header[2 + 9 * j: 2 + 9 * j + t.dim()] = torch.tensor(t.shape)
+            dist.broadcast(header, src=group_ranks[c], group=ctx.cfg_cpu_group)
+            listed = int(header[0]) > 0
+            count = int(header[0]) if listed else 1
             if full is None:
-                full = torch.empty([rows] + dims[1:], dtype=torch.float32, device=ctx.device)
-            full[torch.tensor(rows_c, device=ctx.device)] = buf
-        return full
+                full = [None] * count
+            for j in range(count):
+                dims = header[2 + 9 * j: 2 + 9 * j + int(header[1 + 9 * j])].tolist()
+                mine_j = (out_mine[j] if listed else out_mine) if c == topo.cfg_rank else None
+                buf = mine_j.float().contiguous() if mine_j is not None else torch.empty(
+                    dims, dtype=torch.float32, device=ctx.device)
+                dist.broadcast(buf, src=group_ranks[c], group=ctx.cfg_group)
+                if full[j] is None:
+                    full[j] = torch.empty([rows] + dims[1:], dtype=torch.float32, device=ctx.device)
+                full[j][torch.tensor(rows_c, device=ctx.device)] = buf
+        return full if listed else full[0]
 
     def stop_agreed(self, local: bool) -> bool:
         if self.topo.cfg_size == 1:
             return local
+        self.p2p.flush()
         flag = torch.tensor([1 if local else 0])
         dist.all_reduce(flag, op=dist.ReduceOp.MAX, group=self.ctx.cfg_cpu_group)
         return bool(flag.item())
@@ -280,7 +400,8 @@ class ComfyPipelineRunner:
     def end(self) -> None:
         """Last rank: sampling is over; let the other stages of this pipeline go."""
         if self.topo.pp_size > 1:
-            self.p2p.isend_stop(self.topo.first_rank)
+            for r in self._others():
+                self.p2p.isend_stop(r)
         if self.p2p is not None:
             self.p2p.flush()
 
@@ -337,7 +458,7 @@ def sample_on_last_rank(runner: ComfyPipelineRunner, stage: ComfyStage, job: dic
         cond = job["conditioning"]
         positive = cb.unpack_conditioning("positive", cond["positive"], tensors)
         negative = cb.unpack_conditioning("negative", cond["negative"], tensors)
-        latent_image = comfy.sample.fix_empty_latent_channels(patcher, tensors["latent.samples"])
+        latent_image = comfy.sample.fix_empty_latent_channels(patcher, cb.unpack_latent("latent.samples", tensors))
         if s["disable_noise"]:
             noise = torch.zeros(latent_image.size(), dtype=latent_image.dtype, layout=latent_image.layout)
         else:
@@ -352,7 +473,8 @@ def sample_on_last_rank(runner: ComfyPipelineRunner, stage: ComfyStage, job: dic
             patcher, noise, s["steps"], s["cfg"], s["sampler_name"], s["scheduler"], positive, negative,
             latent_image, denoise=s["denoise"], disable_noise=s["disable_noise"], start_step=s.get("start_step"),
             last_step=s.get("last_step"), force_full_denoise=s.get("force_full_denoise", False),
-            noise_mask=tensors.get("latent.noise_mask"), callback=callback, disable_pbar=True, seed=s["seed"])
+            noise_mask=cb.unpack_latent("latent.noise_mask", tensors), callback=callback, disable_pbar=True,
+            seed=s["seed"])
     finally:
         base.diffusion_model = real_dm
         runner.end()

@@ -60,9 +60,10 @@ class PPContext:
             p2p.isend_tensor_dict(probe, topo.next_rank)
         if topo.prev_rank is not None:
             p2p.irecv_tensor_dict(topo.prev_rank).wait()
-        if topo.pp_size > 1 and topo.is_last:
-            p2p.isend_tensor_dict(probe, topo.first_rank)
-        if topo.pp_size > 1 and topo.is_first:
+        if topo.pp_size > 1 and topo.is_last:  # the pass channel: last rank -> every other stage
+            for r in topo.pp_ranks[:-1]:
+                p2p.isend_tensor_dict(probe, r)
+        if topo.pp_size > 1 and not topo.is_last:
             p2p.irecv_tensor_dict(topo.last_rank).wait()
         p2p.flush()
         if self.cfg_group is not None:

@@ -426,6 +426,9 @@ class WorkerGroup:
                     spans.extend(msg.pop("spans"))
                     if "latents" in t:
                         result = t["latents"]
+                    elif any(k.startswith("latents#") for k in t):  # several latents (LTX-2: video + audio)
+                        result = [t[k] for k in sorted((k for k in t if k.startswith("latents#")),
+                                                       key=lambda k: int(k.rpartition("#")[2]))]
             self.state = "idle"
         self.last_run = {"ranks": [ranks[r] for r in range(self.world)], "spans": spans,
                          "layout": job.get("layout"), "split": job.get("split"), "family": job.get("family"),

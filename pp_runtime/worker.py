@@ -178,7 +178,9 @@ class Worker:
         topo = ctx.topo
         t_start = time.perf_counter()
         patched = stage.apply_patches(job, tensors)
-        runner = ComfyPipelineRunner(ctx, stage, job.get("micro_batch_size", 1), job.get("batched_cfg", False))
+        runner = ComfyPipelineRunner(ctx, stage, job.get("micro_batch_size", 1), job.get("batched_cfg", False),
+                                     cancelled=lambda: self.interrupt_job == job_id,
+                                     options=job.get("carry", {}).get("transformer_options"))
 
         def on_step(i, total, x0):
             if topo.is_output_rank:
@@ -199,7 +201,10 @@ class Worker:
                 "passes": runner.passes, "patched": patched,
                 "bytes_read": stage.bytes_read if info["loaded"] else 0,
                 "load_peak_growth": stage.load_peak_growth if info["loaded"] else 0, "mem": mem_info(self.device), "clock0_ms": runner.timeline._t0 * 1e3}
-        out = {"latents": result} if topo.is_output_rank and result is not None else None
+        out = None
+        if topo.is_output_rank and result is not None:
+            from .comfy_bridge import pack_latent
+            out = pack_latent("latents", result)
         self._steps.join()  # every step message before 'done'
         self.send(done, out)
 
@@ -271,8 +276,7 @@ def import_comfy(device: torch.device) -> None:
         import comfy.sample  # noqa: F401
         import comfy.samplers  # noqa: F401
 
-        from .comfy_sampling import ComfyStage  # noqa: F401  (and the adapters it imports)
-        from .models import flux, wan  # noqa: F401
+        from .comfy_sampling import ComfyStage  # noqa: F401  (and the staging table it imports)
 
 
 def join_group(rank: int, world: int, device: torch.device, init_method: str, timeout: float) -> dict:

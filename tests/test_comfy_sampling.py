@@ -174,7 +174,7 @@ def _compare_qwen(qwen, pos, neg, latent, sampler="euler", steps=2, cfg=2.5, see
                               seed=seed, disable_pbar=True)
     job, tensors, rank_tensors = prepare_comfy_job(group.world, on_disk, pos, neg, latent, seed=seed, steps=steps,
                                                    cfg=cfg, sampler_name=sampler, scheduler="simple")
-    assert job["family"] == "QwenImageStaged" and job["split"] == [1, 1]
+    assert job["family"] == "QwenImage" and job["split"] == [1, 1]
     res = group.run(job, tensors, rank_tensors=rank_tensors)
     return (res["latents"] - ref).abs().max().item(), ref
 

@@ -1,0 +1,126 @@
+"""The staging table: one entry per model family ComfyUI ships (its v0.8 classes).
+
+Each entry says which loops of blocks the forward has, how ``staging.StageForward``
+intercepts them (ComfyUI's ``patches_replace["dit"]`` hook kind, or None to stand in for
+the block modules), which entries of the hook's argument dict (or which parameters of the
+block's forward) are the hidden state, and which modules only the first or the last stage
+runs.  Everything else of the model is ComfyUI's own code, run unchanged on every rank.
+Check an entry against the family's forward (the file named beside it): the hidden state
+must be everything a block changes that the rest of the forward reads.
+
+Models whose forward cannot be cut into a chain of stages (UNets: their skip connections
+cross every stage) are refused by ``family_for`` with a message that names them.
+"""
+from __future__ import annotations
+
+import importlib
+
+from .staging import BlockList, Family
+
+DUAL = ("img", "txt")
+
+FAMILIES = (
+    # comfy/ldm/flux/model.py (Flux.1 dev/schnell, Kontext, Flux.2, Ovis): txt/img concatenated
+    # between the two loops; a boundary at single block 0 carries the concatenation.
+    Family("Flux", ("comfy.ldm.flux.model:Flux",),
+           (BlockList("double_blocks", "double_block", DUAL, cost=0.5),
+            BlockList("single_blocks", "single_block", ("img",))),
+           head=("final_layer",), modulation=("img_mod", "txt_mod", "modulation")),
+    # comfy/ldm/chroma/model.py, comfy/ldm/chroma_radiance/model.py (its NeRF head after the loops)
+    Family("Chroma", ("comfy.ldm.chroma.model:Chroma",),
+           (BlockList("double_blocks", "double_block", DUAL, cost=0.5),
+            BlockList("single_blocks", "single_block", ("img",))),
+           head=("final_layer", "nerf_image_embedder", "nerf_blocks", "nerf_final_layer", "nerf_final_layer_conv")),
+    # comfy/ldm/hunyuan_video/model.py (HunyuanVideo 1.0 t2v/i2v, 1.5, HunyuanImage 2.1)
+    Family("HunyuanVideo", ("comfy.ldm.hunyuan_video.model:HunyuanVideo",),
+           (BlockList("double_blocks", "double_block", DUAL, cost=0.5),
+            BlockList("single_blocks", "single_block", ("img",))),
+           head=("final_layer",), modulation=("img_mod", "txt_mod", "modulation")),
+    # comfy/ldm/wan/model.py, model_animate.py: t2v, i2v, Fun Control, VACE (hint blocks computed by
+    # every rank: they read only pre-loop values), Camera, S2V, HuMo, Animate
+    Family("Wan", ("comfy.ldm.wan.model:WanModel",),
+           (BlockList("blocks", "double_block", ("img",)),),
+           head=("head",)),
+    # comfy/ldm/qwen_image/model.py (text-to-image, Edit, 2511, Layered)
+    Family("QwenImage", ("comfy.ldm.qwen_image.model:QwenImageTransformer2DModel",),
+           (BlockList("transformer_blocks", "double_block", DUAL, cost=0.5),),
+           head=("norm_out", "proj_out"), modulation=("img_mod", "txt_mod")),
+    # comfy/ldm/lightricks/model.py, av_model.py (LTX-2: "img" is the (video, audio) pair)
+    Family("LTXV", ("comfy.ldm.lightricks.model:LTXVModel",),
+           (BlockList("transformer_blocks", "double_block", ("img",)),),
+           head=("norm_out", "proj_out", "scale_shift_table", "audio_norm_out", "audio_proj_out",
+                 "audio_scale_shift_table")),
+    # comfy/ldm/modules/diffusionmodules/mmdit.py (SD3, SD3.5)
+    Family("MMDiT", ("comfy.ldm.modules.diffusionmodules.mmdit:MMDiT",),
+           (BlockList("joint_blocks", "double_block", DUAL, cost=0.5),),
+           head=("final_layer",), modulation=("adaLN_modulation",)),
+    # comfy/ldm/aura/mmdit.py (AuraFlow)
+    Family("AuraFlow", ("comfy.ldm.aura.mmdit:MMDiT",),
+           (BlockList("double_layers", "double_block", DUAL, cost=0.5),
+            BlockList("single_layers", "single_block", ("img",))),
+           head=("modF", "final_linear"), modulation=("modC", "modX")),
+    # comfy/ldm/genmo/joint_model/asymm_models_joint.py (Mochi)
+    Family("Mochi", ("comfy.ldm.genmo.joint_model.asymm_models_joint:AsymmDiTJoint",),
+           (BlockList("blocks", "double_block", DUAL),),
+           head=("final_layer",), modulation=("mod_x", "mod_y")),
+    # comfy/ldm/kandinsky5/model.py (the text blocks before the loop are run by every rank).  Its
+    # hook's original_block calls the block with a keyword the block does not take, so the
+    # hook cannot run a block: stand in for the modules instead.
+    Family("Kandinsky5", ("comfy.ldm.kandinsky5.model:Kandinsky5",),
+           (BlockList("visual_transformer_blocks", None, ("visual_embed",)),),
+           head=("out_layer",)),
+    # comfy/ldm/lumina/model.py (Lumina 2, Z-Image): no hook; the refiners feed only the hidden state
+    Family("Lumina2", ("comfy.ldm.lumina.model:NextDiT",),
+           (BlockList("layers", None, ("x",)),),
+           head=("final_layer",), first_only=("noise_refiner", "context_refiner")),
+    # comfy/ldm/hidream/model.py: no hook; a double block's text input is the running text
+    # state joined with this block's llama layer (recomputed alike on every rank)
+    Family("HiDream", ("comfy.ldm.hidream.model:HiDreamImageTransformer2DModel",),
+           (BlockList("double_stream_blocks", None, ("image_tokens", "text_tokens"), cost=0.5),
+            BlockList("single_stream_blocks", None, ("image_tokens",))),
+           head=("final_layer",)),
+    # comfy/ldm/cosmos/predict2.py (Cosmos Predict2, Anima): no hook
+    Family("CosmosPredict2", ("comfy.ldm.cosmos.predict2:MiniTrainDIT",),
+           (BlockList("blocks", None, ("x_B_T_H_W_D",)),),
+           head=("final_layer",)),
+    # comfy/ldm/cosmos/model.py (Cosmos 1.0): no hook; blocks in a ModuleDict
+    Family("Cosmos", ("comfy.ldm.cosmos.model:GeneralDIT",),
+           (BlockList("blocks", None, ("x",)),),
+           head=("final_layer",)),
+)
+
+# Loaded model classes whose forward cannot be staged, with what to use instead.
+REFUSED = {
+    "UNetModel": "a UNet (SD1.5, SDXL, SD2 ...): its skip connections join every down block to an up block, "
+                 "so it cannot be cut into a chain of stages. Use the stock KSampler (one GPU), or ComfyUI's "
+                 "MultiGPU CFG Split for two",
+    "HunYuanDiT": "Hunyuan-DiT: its long skip connections join the first half of the blocks to the second, "
+                  "so it cannot be cut into a chain of stages. Use the stock KSampler",
+}
+
+
+def _cls(path: str):
+    module, _, name = path.partition(":")
+    try:
+        return getattr(importlib.import_module(module), name)
+    except (ImportError, AttributeError):
+        return None  # a ComfyUI release without this family
+
+
+def family_for(diffusion_model) -> Family:
+    """The family entry for a ComfyUI diffusion model; a clear refusal for one that cannot be staged."""
+    for fam in FAMILIES:
+        for path in fam.classes:
+            cls = _cls(path)
+            if cls is not None and isinstance(diffusion_model, cls):
+                return fam
+    name = type(diffusion_model).__name__
+    if name in REFUSED:
+        raise UnsupportedModel(f"pipeline-parallel sampling cannot run {REFUSED[name]}")
+    raise UnsupportedModel(
+        f"pipeline-parallel sampling has no entry for {name} ({type(diffusion_model).__module__}); supported: "
+        + ", ".join(f.name for f in FAMILIES) + ". Use the stock KSampler for this model")
+
+
+class UnsupportedModel(ValueError):
+    pass

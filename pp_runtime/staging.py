@@ -1,0 +1,340 @@
+"""One staging mechanism for every family: ComfyUI's own forward, its block loop intercepted.
+
+A stage of a pipeline runs the model's unmodified ``diffusion_model`` forward.  Each block
+call of the loop is intercepted, through ComfyUI's block-replacement hook
+(``transformer_options["patches_replace"]["dit"][(kind, i)]``, whose argument dict is the
+state at a block boundary) or, for a loop without that hook, by standing in for the block
+module's ``forward``.  On the stage that owns blocks ``start .. end-1``:
+
+* a block before ``start`` passes its (dummy) hidden state through: this rank computed
+  the input embeddings from the pass inputs like every rank does, but the hidden state
+  it carries into the blocks is not the real one yet;
+* the first block reached at or after ``start`` takes the hidden state received from the
+  previous stage in place of its own (``state_in``);
+* blocks ``start .. end-1`` run, wrapped by any block-replacement patch of the user;
+* the first block reached at or after ``end`` hands its input (the hidden state with
+  everything the forward did after block ``end-1``: a ControlNet residual, Flux's txt/img
+  concatenation between its two loops) to the next stage and stops the forward there;
+  the last stage runs on into ComfyUI's head and returns the model output.
+
+So everything the forward does between two blocks is done exactly once on the real state,
+by the stage owning the block before it; what the forward computes before the loop (time
+and text embeddings, RoPE tables, masks, reference tokens) every rank recomputes from the
+pass inputs with its own copy of the small non-block weights.  Only the hidden state
+crosses a boundary.  A family is a short table (``families.py``): its block lists, hook
+keys, which entries are hidden state, and which modules only the first or last stage runs.
+"""
+from __future__ import annotations
+
+import contextlib
+import inspect
+from dataclasses import dataclass, field
+
+import torch
+
+
+@dataclass(frozen=True)
+class BlockList:
+    """One loop of blocks of a family.
+
+    ``path``: the ModuleList (or ModuleDict) attribute of the diffusion model.
+    ``hook``: the ``patches_replace["dit"]`` kind its loop offers (``"double_block"``), or
+    None to stand in for the block modules' ``forward``.
+    ``hidden``: the names of the hidden state: keys of the hook's argument dict, or for a
+    stand-in the names of the block forward's parameters that carry it.
+    ``returns``: stand-in only: the parameter names whose values make up the block's
+    return value (one name: the value itself; several: a tuple); default ``hidden``.
+    ``cost``: per-token compute of a block relative to its parameter count (0.5 for a
+    dual-stream block, whose image and text tokens each go through half the weights).
+    """
+    path: str
+    hook: str | None
+    hidden: tuple[str, ...]
+    returns: tuple[str, ...] = ()
+    cost: float = 1.0
+
+
+@dataclass(frozen=True)
+class Family:
+    """A model family: which ComfyUI classes it covers and how their forward is staged."""
+    name: str
+    classes: tuple[str, ...]          # "module:Class", matched with isinstance
+    blocks: tuple[BlockList, ...]
+    head: tuple[str, ...] = ()        # top-level modules / parameters only the last stage uses
+    first_only: tuple[str, ...] = ()  # module lists whose output only feeds the hidden state:
+    #                                   run by the first stage, identity elsewhere
+    modulation: tuple[str, ...] = ()  # submodule names acting on one vector per item (left out of costs)
+    note: str = ""
+
+
+class StageBoundary(BaseException):
+    """Raised inside the forward at the first block after the stage: carries the hidden state.
+    (A BaseException, so that no ``except Exception`` in model code can swallow it.)"""
+
+    def __init__(self, state: dict):
+        super().__init__("stage boundary")
+        self.state = state
+
+
+class StageCancelled(BaseException):
+    """Raised between blocks when the job was cancelled."""
+
+
+class StagingError(RuntimeError):
+    pass
+
+
+# -- the hidden state as a flat tensor dict (what crosses a stage boundary) ------------
+def flatten_state(state: dict) -> dict[str, torch.Tensor]:
+    out = {}
+    for k, v in state.items():
+        if torch.is_tensor(v):
+            out[k] = v
+        elif isinstance(v, (tuple, list)) and all(torch.is_tensor(t) for t in v):
+            for j, t in enumerate(v):
+                out[f"{k}#{j}"] = t
+        else:
+            raise StagingError(f"hidden state '{k}' is a {type(v).__name__}; only tensors (or tuples of "
+                               f"tensors) can cross a stage boundary")
+    return out
+
+
+def unflatten_state(flat: dict) -> dict:
+    out, parts = {}, {}
+    for k, v in flat.items():
+        name, sep, j = k.rpartition("#")
+        if sep and j.isdigit():
+            parts.setdefault(name, {})[int(j)] = v
+        else:
+            out[k] = v
+    for name, items in parts.items():
+        out[name] = tuple(items[j] for j in range(len(items)))
+    return out
+
+
+# -- which weights a stage holds -----------------------------------------------------------
+def block_modules(model: torch.nn.Module, family: Family) -> list[tuple[str, torch.nn.Module, BlockList]]:
+    """(weight prefix, module, its list) of every block, in the forward's global order."""
+    out = []
+    for bl in family.blocks:
+        container = model.get_submodule(bl.path)
+        for name, module in container.named_children():
+            out.append((f"{bl.path}.{name}.", module, bl))
+    return out
+
+
+def _top_level(model) -> list[str]:
+    """Names of the model's direct children and direct parameters/buffers."""
+    names = [n for n, _ in model.named_children()]
+    names += [n for n, _ in model.named_parameters(recurse=False)]
+    names += [n for n, _ in model.named_buffers(recurse=False)]
+    return names
+
+
+def _prefix(name: str, model) -> str:
+    """Weight-name prefix of a top-level entry: 'final_layer.' for a module, the exact name
+    for a parameter or buffer of the model itself."""
+    return f"{name}." if name in dict(model.named_children()) else name
+
+
+def stage_prefixes(model, family: Family, start: int, end: int, first: bool, last: bool) -> list[str]:
+    """Weight-name prefixes this stage loads: its blocks, and every non-block weight
+    except the head's (last stage only) and the first-only modules' (first stage only)."""
+    blocks = block_modules(model, family)
+    out = [p for p, _, _ in blocks[start:end]]
+    lists = {bl.path for bl in family.blocks}
+    for name in _top_level(model):
+        if name in lists:
+            continue
+        if name in family.head and not last:
+            continue
+        if name in family.first_only and not first:
+            continue
+        out.append(_prefix(name, model))
+    return out
+
+
+def weight_names(model) -> list[str]:
+    return [n for n, _ in model.named_parameters()] + [n for n, _ in model.named_buffers()]
+
+
+def unplaced(model, family: Family) -> list[str]:
+    """Weight names no stage would load (must be empty)."""
+    n = len(block_modules(model, family))
+    prefixes = tuple(stage_prefixes(model, family, 0, n, True, True))
+    return [w for w in weight_names(model) if not w.startswith(prefixes)]
+
+
+def _bytes(tensors) -> int:
+    return sum(t.numel() * t.element_size() for t in tensors)
+
+
+def profile(model, family: Family) -> dict:
+    """What the split needs: blocks, per-block compute and bytes, and the bytes every stage
+    holds besides its blocks (``shared_bytes``), plus those of the head (last stage) and of
+    the first-only modules (first stage)."""
+    blocks = block_modules(model, family)
+    if not blocks:
+        raise StagingError(f"{type(model).__name__} has no blocks under {[b.path for b in family.blocks]}")
+    mods = tuple(family.modulation)
+
+    def cost(module, bl):
+        per_token = sum(p.numel() for n, p in module.named_parameters()
+                        if not any(part in mods for part in n.split(".")))
+        return float(per_token) * bl.cost
+
+    top = {name: _prefix(name, model) for name in _top_level(model) if name not in {b.path for b in family.blocks}}
+    named = dict(model.named_parameters())
+
+    def bytes_under(prefix):
+        return _bytes(t for n, t in named.items() if n == prefix or (prefix.endswith(".") and n.startswith(prefix)))
+
+    head = sum(bytes_under(p) for n, p in top.items() if n in family.head)
+    first = sum(bytes_under(p) for n, p in top.items() if n in family.first_only)
+    shared = sum(bytes_under(p) for n, p in top.items() if n not in family.head and n not in family.first_only)
+    return {"num_blocks": len(blocks), "costs": [cost(m, bl) for _, m, bl in blocks],
+            "block_bytes": [_bytes(m.parameters()) for _, m, _ in blocks],
+            "shared_bytes": shared, "first_bytes": first, "last_bytes": head, "family": family.name}
+
+
+# -- one rank's part of the forward -----------------------------------------------------------
+@dataclass
+class _Pass:
+    state_in: dict | None
+    injected: bool = False
+    blocks_run: int = 0
+    reached: list = field(default_factory=list)
+
+
+class StageForward:
+    """Runs blocks ``start .. end-1`` of ``model`` (ComfyUI's diffusion model) inside its own
+    forward.  ``cancelled()`` is asked before each of this stage's blocks; when it says yes
+    the forward unwinds with ``StageCancelled``."""
+
+    def __init__(self, model: torch.nn.Module, family: Family, start: int, end: int, first: bool, last: bool,
+                 cancelled=None):
+        self.model, self.family = model, family
+        self.start, self.end, self.first, self.last = start, end, first, last
+        self.cancelled = cancelled or (lambda: False)
+        self.blocks = block_modules(model, family)
+        self.offsets: dict[str, int] = {}
+        g = 0
+        for bl in family.blocks:
+            self.offsets[bl.path] = g
+            g += len(model.get_submodule(bl.path))
+        self._pass: _Pass | None = None
+
+    def __call__(self, args: tuple, kwargs: dict, state_in: dict | None = None):
+        """One micro-batch: ``args``/``kwargs`` are the forward's arguments as ComfyUI's
+        ``BaseModel`` passes them (``x, t``; ``context``, ``transformer_options``, ...);
+        ``state_in`` the previous stage's hidden state (None on the first stage).  Returns
+        the hidden state for the next stage (a flat tensor dict), or on the last stage the
+        model output."""
+        if (state_in is None) != self.first:
+            raise StagingError("the first stage takes no hidden state; every other stage needs one")
+        self._pass = p = _Pass(unflatten_state(state_in) if state_in is not None else None)
+        kwargs = dict(kwargs)
+        kwargs["transformer_options"] = self._options(kwargs.get("transformer_options") or {})
+        try:
+            with self._stand_ins():
+                out = self.model(*args, **kwargs)
+        except StageBoundary as b:
+            if self.last:
+                raise StagingError("the last stage reached a stage boundary") from None
+            return flatten_state(b.state)
+        finally:
+            self._pass = None
+        if not self.last:
+            raise StagingError(f"the forward of {type(self.model).__name__} ended before block {self.end}: "
+                               f"blocks after this stage were skipped")
+        if not self.first and not p.injected:
+            raise StagingError(f"the forward of {type(self.model).__name__} reached none of blocks "
+                               f"{self.start}..{self.end - 1}")
+        return out
+
+    # -- the interception, shared by hooks and stand-ins --------------------------------
+    def _enter(self, g: int, hidden: dict) -> dict | None:
+        """Called at the entry of global block ``g`` with its hidden state; returns the hidden
+        state to run the block on, or None to pass it through (a block before this stage)."""
+        p = self._pass
+        if g < self.start:
+            return None
+        if not self.first and not p.injected:
+            hidden = {k: p.state_in[k] for k in hidden}
+            p.injected = True
+        if g >= self.end:
+            raise StageBoundary(hidden)
+        if self.cancelled():
+            raise StageCancelled()
+        p.blocks_run += 1
+        return hidden
+
+    def _options(self, opts: dict) -> dict:
+        """transformer_options with a block-replacement hook on every block of every hooked list
+        (wrapping a user's own replacement of that block, if any)."""
+        opts = dict(opts)
+        replace = dict(opts.get("patches_replace") or {})
+        dit = dict(replace.get("dit") or {})
+        for bl in self.family.blocks:
+            if bl.hook is None:
+                continue
+            for i in range(len(self.model.get_submodule(bl.path))):
+                dit[(bl.hook, i)] = self._hook(bl, self.offsets[bl.path] + i, dit.get((bl.hook, i)))
+        replace["dit"] = dit
+        opts["patches_replace"] = replace
+        return opts
+
+    def _hook(self, bl: BlockList, g: int, user):
+        def hook(args, extra):
+            hidden = self._enter(g, {k: args[k] for k in bl.hidden})
+            if hidden is None:
+                return {k: args[k] for k in bl.hidden}
+            args = {**args, **hidden}
+            out = user(args, extra) if user is not None else extra["original_block"](args)
+            if not isinstance(out, dict):  # e.g. Kandinsky 5's original_block returns the tensor
+                out = {bl.hidden[0]: out}
+            return out
+        return hook
+
+    @contextlib.contextmanager
+    def _stand_ins(self):
+        """For loops without the hook (and the first-only lists on later stages): the blocks'
+        ``forward`` replaced for the duration of the call (the module tree is untouched)."""
+        patched = []
+        try:
+            for bl in self.family.blocks:
+                if bl.hook is not None:
+                    continue
+                for i, module in enumerate(self.model.get_submodule(bl.path).children()):
+                    module.forward = self._stand_in(bl, self.offsets[bl.path] + i, module)
+                    patched.append(module)
+            if not self.first:
+                for name in self.family.first_only:
+                    for module in self.model.get_submodule(name).children():
+                        module.forward = _identity
+                        patched.append(module)
+            yield
+        finally:
+            for module in patched:
+                del module.forward
+
+    def _stand_in(self, bl: BlockList, g: int, module):
+        signature = inspect.signature(type(module).forward)
+        returns = bl.returns or bl.hidden
+        real = type(module).forward.__get__(module)
+
+        def forward(*args, **kwargs):
+            bound = signature.bind(module, *args, **kwargs)
+            bound.apply_defaults()
+            hidden = self._enter(g, {k: bound.arguments[k] for k in bl.hidden})
+            if hidden is not None:
+                bound.arguments.update(hidden)
+                return real(*bound.args[1:], **bound.kwargs)
+            out = tuple(bound.arguments[k] for k in returns)
+            return out[0] if len(out) == 1 else out
+        return forward
+
+
+def _identity(x, *args, **kwargs):
+    return x
+
