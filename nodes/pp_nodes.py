@@ -231,8 +231,8 @@ def pp_sample(model, group, positive, negative, latent_image, **kw):
     out = latent_image.copy()
     latents = result["latents"]
     if isinstance(latents, list):  # LTX-2: the video and audio latents, as the stock sampler returns them
-        import comfy.nested_tensor
-        latents = comfy.nested_tensor.NestedTensor(latents)
+        from comfy.nested_tensor import NestedTensor
+        latents = NestedTensor(latents)
     out["samples"] = latents
     return (out,)
 

@@ -57,11 +57,19 @@ def import_comfy() -> tuple[Path | None, str]:
     return root, ""
 
 
+def must_run() -> bool:
+    """``PP_REQUIRE_COMFY=1`` (set by .ci/run): a ComfyUI tier that cannot run fails, never skips."""
+    return os.environ.get("PP_REQUIRE_COMFY", "0") == "1"
+
+
 def require_comfy() -> Path:
-    """Import ComfyUI or skip the calling test module with the reason."""
+    """Import ComfyUI, or skip the calling test module with the reason (fail under
+    ``PP_REQUIRE_COMFY=1``)."""
     import pytest
 
     root, reason = import_comfy()
     if root is None:
+        if must_run():
+            pytest.fail(f"PP_REQUIRE_COMFY=1 and {reason}", pytrace=False)
         pytest.skip(reason, allow_module_level=True)
     return root

@@ -30,5 +30,6 @@ def cpu_group():
         g.shutdown()
 
 
-# Tier 3 (tests/test_server_e2e.py): per-test wall times at the end of the run.
-from server_util import pytest_terminal_summary  # noqa: E402,F401
+# Tier 3: the one ComfyUI server of the session (a fixture defined here, so that every test
+# module shares it), and per-test wall times at the end of the run.
+from server_util import comfy_server, pytest_terminal_summary, release_server_groups  # noqa: E402,F401

@@ -239,6 +239,16 @@ def state_dict(case: Case, seed: int = 0, dtype=torch.float32) -> dict[str, torc
             for k, v in sd.items()}
 
 
+def num_blocks(case: Case) -> int:
+    """Blocks of the case's model, as the staging table counts them."""
+    from pp_runtime.families import family_for
+    from pp_runtime.staging import block_modules
+    cfg = config(case)
+    cfg.set_inference_dtype(torch.float32, None)
+    dm = cfg.get_model({}, "", device="meta").diffusion_model
+    return len(block_modules(dm, family_for(dm)))
+
+
 def model(case: Case, seed: int = 0):
     """A MODEL as ComfyUI's loader makes it, on the CPU, with the case's seeded weights."""
     import comfy.model_management as mm

@@ -17,9 +17,7 @@ failure (timeouts, a server that exits, missing nodes).
 
 Use from a test module::
 
-    from server_util import comfy_server  # noqa: F401  (the session fixture)
-
-    def test_x(comfy_server):
+    def test_x(comfy_server):      # the session fixture, registered by tests/conftest.py
         res = comfy_server.run(graph, timeout=60)   # submit + follow the websocket
         assert res.status == "success", res.describe()
         lat = comfy_server.read_latent(res, node_id="6")
@@ -456,10 +454,17 @@ class ComfyServer:
         """POST /prompt; (HTTP status, parsed body)."""
         return self.post("/prompt", {"prompt": graph, "client_id": self.client_id})
 
-    def history(self, prompt_id: str) -> dict:
-        status, body = self.get(f"/history/{prompt_id}")
-        assert status == 200, (status, body)
-        return (body or {}).get(prompt_id, {})
+    def history(self, prompt_id: str, timeout: float = 10.0) -> dict:
+        """The prompt's history entry.  ComfyUI records it just after it sends
+        ``execution_success``, so a prompt that just ended may need a moment to appear."""
+        deadline = time.monotonic() + timeout
+        while True:
+            status, body = self.get(f"/history/{prompt_id}")
+            assert status == 200, (status, body)
+            entry = (body or {}).get(prompt_id)
+            if entry or time.monotonic() > deadline:
+                return entry or {}
+            time.sleep(0.05)
 
     def interrupt(self) -> int:
         return self.post("/interrupt", {})[0]
@@ -553,6 +558,13 @@ class ComfyServer:
         return safetensors.torch.load_file(str(files[-1]))["latent_tensor"]
 
 
+def run_ok_or_fail(srv: ComfyServer, graph: dict, timeout: float):
+    """Run a graph; the test fails with everything the server said unless it succeeded."""
+    res = srv.run(graph, timeout=timeout)
+    assert res.status == "success", res.describe()
+    return res
+
+
 def folder_for(output_dir: Path, kind: str, base: Path) -> Path:
     return {"output": output_dir, "temp": base / "temp", "input": base / "input"}.get(kind, output_dir)
 
@@ -574,6 +586,9 @@ def comfy_server(tmp_path_factory):
 
     root, reason = import_comfy()
     if root is None:
+        from comfy_env import must_run
+        if must_run():
+            pytest.fail(f"tier 3 (server end to end) cannot run: {reason}", pytrace=False)
         pytest.skip(f"tier 3 (server end to end): {reason}")
     from make_models import cached_model_files
 
@@ -586,11 +601,29 @@ def comfy_server(tmp_path_factory):
         srv.stop()
         pytest.fail(f"ComfyUI server did not start: {e}", pytrace=False)
     print(f"\n[tier 3] ComfyUI {root} on {srv.url} (up in {srv.startup_s:.1f}s), log {srv.log_path}")
+    ACTIVE.append(srv)
     try:
         yield srv
     finally:
+        ACTIVE.clear()
         srv.stop()
         shutil.rmtree(base, ignore_errors=True)
+
+
+ACTIVE: list = []  # the session's server, once started
+
+
+@pytest.fixture(scope="module", autouse=True)
+def release_server_groups():
+    """After each test module, the server shuts its worker groups down (POST /pp/shutdown):
+    one 2-core, 24 GB machine runs the whole suite, and a module's placed models are of no
+    use to the next one."""
+    yield
+    for srv in ACTIVE:
+        try:
+            srv.post("/pp/shutdown", {}, timeout=60)
+        except OSError:
+            pass
 
 
 def pytest_terminal_summary(terminalreporter, exitstatus, config):

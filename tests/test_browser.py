@@ -22,7 +22,7 @@ from pathlib import Path
 
 import pytest
 
-from server_util import ARTIFACTS, MODEL_NAMES, TIMINGS, comfy_server  # noqa: F401
+from server_util import ARTIFACTS, MODEL_NAMES, TIMINGS
 
 REPO = Path(__file__).resolve().parents[1]
 SHOTS = ARTIFACTS / "browser"

@@ -103,7 +103,7 @@ def test_timeline_view_empty_and_split_view():
 
 
 # -- through the real server (tier 3) --------------------------------------------------------
-from server_util import comfy_server, inputs, load_workflow  # noqa: E402,F401
+from server_util import inputs, load_workflow  # noqa: E402
 
 TINY_WAN = "pp_tiny_wan21_t2v.safetensors"
 

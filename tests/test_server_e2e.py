@@ -24,7 +24,7 @@ import time
 
 import pytest
 
-from server_util import TIMINGS, comfy_server, inputs, load_workflow, node_id  # noqa: F401
+from server_util import TIMINGS, inputs, load_workflow, node_id
 
 TOL = 1e-4
 PP_NODES = ("PPWorkerGroup", "PPStageSplit", "PPCFGMode", "PPLoadDiffusionModel", "PPKSampler")

@@ -1,5 +1,8 @@
 """Test-only ComfyUI nodes for the tier-3 server tests (never shipped with the pack).
 
+``PPTestModel``, ``PPTestFamilyConditioning`` and ``PPTestFamilyLatent`` build a model of
+every family, its conditioning and its latent from ``tests/family_zoo.py``.
+
 The test models (tests/make_models.py) have no text encoders, and no stock node makes
 CONDITIONING without a CLIP model, so ``PPTestConditioning`` makes a seeded random one:
 ``[[context [1, length, dim], {"pooled_output": [1, pooled_dim]}]]`` (the pooled vector
@@ -96,9 +99,81 @@ class PPTestImageToVideo:
                 node_helpers.conditioning_set_values(negative, values))
 
 
+def _zoo():
+    """tests/family_zoo.py (this package is linked into the test server's custom_nodes)."""
+    import os
+    import sys
+    tests = os.path.dirname(os.path.dirname(os.path.realpath(__file__)))
+    if tests not in sys.path:
+        sys.path.append(tests)
+    import family_zoo
+    return family_zoo
+
+
+_CASE_NAMES = [c.name for c in _zoo().CASES]
+
+
+class PPTestModel:
+    """A MODEL of a family_zoo case built in the server with ComfyUI's own classes (the way
+    its loader builds one) and the case's seeded weights: for families whose detection
+    fixes sizes too large for a CPU test file.  PP KSampler hands it to the workers like
+    any MODEL from the stock loader."""
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {"required": {"case": (_CASE_NAMES,), "seed": ("INT", {"default": 0, "min": 0, "max": 2**31 - 1})}}
+
+    RETURN_TYPES = ("MODEL",)
+    FUNCTION = "make"
+    CATEGORY = "_for_testing/pp"
+
+    def make(self, case, seed):
+        zoo = _zoo()
+        return (zoo.model(zoo.BY_NAME[case], seed),)
+
+
+class PPTestFamilyConditioning:
+    """Positive and negative CONDITIONING of a family_zoo case (what the family's text,
+    image and audio encoder nodes would add, as seeded random tensors)."""
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {"required": {"case": (_CASE_NAMES,), "seed": ("INT", {"default": 0, "min": 0, "max": 2**31 - 1})}}
+
+    RETURN_TYPES = ("CONDITIONING", "CONDITIONING")
+    FUNCTION = "make"
+    CATEGORY = "_for_testing/pp"
+
+    def make(self, case, seed):
+        zoo = _zoo()
+        return zoo.conditioning(zoo.BY_NAME[case], seed)
+
+
+class PPTestFamilyLatent:
+    """An empty LATENT of a family_zoo case (LTX-2: video + audio, as LTXVConcatAVLatent makes it)."""
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {"required": {"case": (_CASE_NAMES,), "batch_size": ("INT", {"default": 1, "min": 1, "max": 8})}}
+
+    RETURN_TYPES = ("LATENT",)
+    FUNCTION = "make"
+    CATEGORY = "_for_testing/pp"
+
+    def make(self, case, batch_size):
+        zoo = _zoo()
+        return ({"samples": zoo.latent(zoo.BY_NAME[case], batch_size)},)
+
+
 NODE_CLASS_MAPPINGS = {"PPTestConditioning": PPTestConditioning,
+                       "PPTestModel": PPTestModel,
+                       "PPTestFamilyConditioning": PPTestFamilyConditioning,
+                       "PPTestFamilyLatent": PPTestFamilyLatent,
                        "PPTestNoisyLatent": PPTestNoisyLatent,
                        "PPTestImageToVideo": PPTestImageToVideo}
 NODE_DISPLAY_NAME_MAPPINGS = {"PPTestConditioning": "PP Test Conditioning (random, tests only)",
+                              "PPTestModel": "PP Test Model (tests only)",
+                              "PPTestFamilyConditioning": "PP Test Family Conditioning (tests only)",
+                              "PPTestFamilyLatent": "PP Test Family Latent (tests only)",
                               "PPTestNoisyLatent": "PP Test Noisy Latent (tests only)",
                               "PPTestImageToVideo": "PP Test Image to Video (tests only)"}
