@@ -44,10 +44,14 @@ class PPWorkerGroup:
             "residency": (["keep", "park", "release"], {"tooltip": "After each prompt: keep the model's stages "
                           "on the devices (fastest next prompt), park them in host RAM (frees GPU memory, quick "
                           "to bring back), or release them (frees everything; the next prompt loads again)."}),
+            "memory_cap_gb": ("FLOAT", {"default": 0.0, "min": 0.0, "max": 4096.0, "step": 0.5,
+                                        "tooltip": "Memory each worker may use, in GB (0: all of its GPU). For GPUs "
+                                        "shared with other work, or to try a split for smaller cards. A stage that "
+                                        "does not fit fails the prompt with what to change."}),
         }}
 
     @classmethod
-    def VALIDATE_INPUTS(cls, devices, backend, ray_address="", residency="keep"):
+    def VALIDATE_INPUTS(cls, devices, backend, ray_address="", residency="keep", memory_cap_gb=0.0):
         try:
             if backend == "ray":
                 from ..pp_runtime.backends.ray_backend import RAY_INSTALL_HINT, parse_ray_devices, ray_available
@@ -60,9 +64,10 @@ class PPWorkerGroup:
             return str(e)
         return True
 
-    def make(self, devices, backend, ray_address="", residency="keep"):
+    def make(self, devices, backend, ray_address="", residency="keep", memory_cap_gb=0.0):
         return ({"devices": devices if backend == "ray" else parse_devices(devices), "backend": backend,
-                 "ray_address": ray_address or "", "residency": residency},)
+                 "ray_address": ray_address or "", "residency": residency,
+                 "memory_cap": int(float(memory_cap_gb) * 2**30)},)
 
 
 class PPStageSplit:
@@ -132,11 +137,23 @@ class PPLoadDiffusionModel:
                              {"tooltip": "Weight dtype on the GPUs, as the stock Load Diffusion Model offers."}),
         }}
 
+    @classmethod
+    def IS_CHANGED(cls, unet_name, weight_dtype):
+        """A file replaced under the same name is read again (ComfyUI caches the MODEL otherwise)."""
+        path = folder_paths.get_full_path("diffusion_models", unet_name)
+        if path is None:
+            return ""
+        stamp = comfy_bridge.file_stamp(path)
+        return f"{stamp['size']}:{stamp['mtime_ns']}"
+
     def load(self, unet_name, weight_dtype):
         dtype = {"fp8_e4m3fn": torch.float8_e4m3fn, "fp8_e4m3fn_fast": torch.float8_e4m3fn,
                  "fp8_e5m2": torch.float8_e5m2}.get(weight_dtype)
         path = folder_paths.get_full_path_or_raise("diffusion_models", unet_name)
-        return (comfy_bridge.load_on_disk(path, dtype),)
+        try:
+            return (comfy_bridge.load_on_disk(path, dtype),)
+        except comfy_bridge.CarryError as e:  # not safetensors, truncated, no model ComfyUI knows
+            raise ValueError(str(e)) from None
 
 
 class PPKSampler:
@@ -219,6 +236,7 @@ def pp_sample(model, group, positive, negative, latent_image, **kw):
     except JobError as e:  # bad input: a plain error whose message says what to change
         raise ValueError(str(e)) from None
     job["residency"] = group.get("residency", "keep")
+    job["memory_cap"] = group.get("memory_cap", 0)
     preview = latent_preview.prepare_callback(model, kw["steps"])
     try:
         result = workers.run(job, tensors, rank_tensors=rank_tensors,

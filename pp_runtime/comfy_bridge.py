@@ -71,24 +71,65 @@ def stage_prefixes(diffusion_model, ranges: list[tuple[int, int]]) -> list[list[
 # -- model from a file header ---------------------------------------------------------
 def header_state_dict(path: str, small: int = 0) -> dict[str, torch.Tensor]:
     """Every tensor of a safetensors file as a meta tensor (shapes and dtypes, no data),
-    except tensors of at most ``small`` elements, which are read (quantization scales)."""
-    from safetensors import safe_open
-    out = {}
-    with safe_open(path, framework="pt") as f:
-        for k in f.keys():
-            sl = f.get_slice(k)
-            shape = sl.get_shape()
-            if small and math.prod(shape) <= small:
-                out[k] = f.get_tensor(k)
-            else:
-                out[k] = torch.empty(shape, dtype=_DTYPES[sl.get_dtype()], device="meta")
+    except tensors of at most ``small`` elements, which are read (quantization scales).
+    Plain reads of the header and of those few bytes: the file is never memory-mapped."""
+    header = read_header(path)
+    out, few = {}, []
+    for k, info in header.items():
+        if k == "__metadata__":
+            continue
+        if small and math.prod(info["shape"]) <= small:
+            few.append(k)
+        else:
+            out[k] = torch.empty(info["shape"], dtype=_DTYPES[info["dtype"]], device="meta")
+    for k, t in read_tensors(path, few):
+        out[k] = t.clone()
     return out
 
 
-def file_metadata(path: str) -> dict:
+def read_header(path: str) -> dict:
+    """A safetensors file's header, checked before anything relies on it: a file that is not
+    safetensors, or that ends before the last tensor its header describes (an interrupted
+    download or copy), is refused with its name."""
+    name = os.path.basename(path)
+    try:
+        size = os.path.getsize(path)
+    except OSError as e:
+        raise CarryError(f"cannot read the model file {name}: {e}") from None
     with open(path, "rb") as f:
-        (n,) = struct.unpack("<Q", f.read(8))
-        return json.loads(f.read(n)).get("__metadata__") or {}
+        raw = f.read(8)
+        n = struct.unpack("<Q", raw)[0] if len(raw) == 8 else -1
+        try:
+            if not 2 <= n <= min(size - 8, 1 << 28):
+                raise ValueError("no safetensors header")
+            header = json.loads(f.read(n))
+            end = max((v["data_offsets"][1] for k, v in header.items() if k != "__metadata__"), default=0)
+        except (ValueError, KeyError, TypeError, AttributeError):
+            raise CarryError(f"{name} is not a safetensors file (or its header is damaged): pick a .safetensors "
+                             f"diffusion model") from None
+    if 8 + n + end > size:
+        raise CarryError(f"{name} is truncated: it has {size:,} bytes, its header describes {8 + n + end:,} "
+                         f"(an unfinished download or copy?): download or copy it again")
+    return header
+
+
+def file_stamp(path: str) -> dict:
+    """What identifies this version of a file: a file replaced under the same name gets
+    another stamp, so no rank ever mixes the old file's weights with the new one's."""
+    st = os.stat(path)
+    return {"size": st.st_size, "mtime_ns": st.st_mtime_ns}
+
+
+def check_stamp(src: dict) -> None:
+    """The file is still the one the job was built for (size and modification time)."""
+    stamp = src.get("stamp")
+    if stamp and file_stamp(src["path"]) != stamp:
+        raise CarryError(f"{os.path.basename(src['path'])} changed on disk after ComfyUI read it: queue the prompt "
+                         f"again (PP Load Diffusion Model re-reads a changed file)")
+
+
+def file_metadata(path: str) -> dict:
+    return read_header(path).get("__metadata__") or {}
 
 
 def converted_header(path: str):
@@ -99,6 +140,7 @@ def converted_header(path: str):
     conversion, already real in ``sd``)."""
     import comfy.utils
     from comfy import model_detection
+    read_header(path)
     sd = header_state_dict(path, small=16)
     prefix = model_detection.unet_prefix_from_state_dict(sd)
     stripped = comfy.utils.state_dict_prefix_replace(sd, {prefix: ""}, filter_keys=True)
@@ -125,7 +167,8 @@ def detect(path: str):
     prefix, sd, metadata, _ = converted_header(path)
     config = model_detection.model_config_from_unet(sd, "", metadata=metadata)
     if config is None:
-        raise CarryError(f"ComfyUI cannot detect a diffusion model in {os.path.basename(path)}")
+        raise CarryError(f"ComfyUI cannot detect a diffusion model in {os.path.basename(path)}: its tensor names "
+                         f"match no model ComfyUI knows (a LoRA, a VAE or a text encoder?): pick a diffusion model")
     return config, prefix, sd
 
 
@@ -556,8 +599,9 @@ def load_on_disk(path: str, weight_dtype=None):
     config, _, sd = detect(path)
     dtype, manual = stock_dtypes(config, sd, weight_dtype)
     base, _ = meta_base_model(path, dtype, manual)
+    model_profile(base.diffusion_model)  # a family that cannot be staged is refused here, with what to use
     base.pp_source = {"path": os.path.abspath(path), "dtype": dtype_name(dtype), "manual_cast": dtype_name(manual),
-                      "config": pack_config(config)}
+                      "config": pack_config(config), "stamp": file_stamp(path)}
 
     class OnDiskModelPatcher(comfy.model_patcher.ModelPatcher):
         def _refuse(self, *args, **kwargs):

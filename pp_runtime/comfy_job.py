@@ -23,14 +23,16 @@ def weights_source(model, free_host_copy: bool = False) -> dict:
     only with PP samplers, which read the handed-over copy)."""
     base = model.model
     src = getattr(base, "pp_source", None)
-    if src is not None:  # PP Load Diffusion Model, or a MODEL whose host copy was freed
-        return dict(src)
     try:
+        if src is not None:  # PP Load Diffusion Model, or a MODEL whose host copy was freed
+            cb.check_stamp(src)
+            return dict(src)
         path = cb.export_weights(base)
     except cb.CarryError as e:
         raise JobError(str(e)) from e
     src = {"path": path, "dtype": cb.dtype_name(base.get_dtype()),
-           "manual_cast": cb.dtype_name(base.manual_cast_dtype), "config": cb.pack_config(base.model_config)}
+           "manual_cast": cb.dtype_name(base.manual_cast_dtype), "config": cb.pack_config(base.model_config),
+           "stamp": cb.file_stamp(path)}
     if free_host_copy:
         base.diffusion_model.to("meta")
         base.pp_source = src

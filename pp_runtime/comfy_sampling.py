@@ -49,6 +49,7 @@ class ComfyStage:
         start, end = Split(tuple(counts)).ranges[topo.pp_rank]
         self.range = (start, end)
         self.dtype = cb.dtype_of(spec["dtype"])
+        cb.check_stamp(spec)  # every rank reads the file the job was built for
         self.base, prefix = cb.meta_base_model(spec["path"], self.dtype, cb.dtype_of(spec.get("manual_cast")),
                                                spec.get("config"))
         dm = self.base.diffusion_model
@@ -230,7 +231,7 @@ def cat_outputs(outs: list):
 # -- the ranks ------------------------------------------------------------------------
 class ComfyPipelineRunner:
     def __init__(self, ctx, stage: ComfyStage, micro_batch_size: int = 1, batched: bool = False,
-                 cancelled=None, options: dict | None = None):
+                 cancelled=None, options: dict | None = None, on_block=None):
         self.ctx, self.stage = ctx, stage
         self.topo, self.p2p = ctx.topo, ctx.p2p
         self.micro_batch_size = micro_batch_size
@@ -239,6 +240,7 @@ class ComfyPipelineRunner:
         self.timeline = Timeline(ctx.device, ctx.topo.rank)
         self.passes = 0
         stage.forward.cancelled = cancelled or (lambda: False)
+        stage.forward.on_block = on_block
 
     def _forward(self, kw: dict, opts: dict, state_in, label: str):
         kw = dict(kw)

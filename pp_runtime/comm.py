@@ -70,6 +70,7 @@ class TensorDictP2P:
         self._unresolved: dict[int, deque] = defaultdict(deque)
         self.schemas_sent = 0  # for tests: how often a schema actually went over the wire
         self.wait_seconds = 0.0
+        self.watch = None  # watch(peer) before a blocking receive, watch(None) after (the worker's activity)
 
     # -- send ------------------------------------------------------------------------
     def isend_tensor_dict(self, tensors: dict[str, torch.Tensor], dst: int) -> None:
@@ -129,6 +130,8 @@ class TensorDictP2P:
         while queue and queue[0] is not pending:
             queue[0].wait_quietly()
         t0 = time.perf_counter()
+        if self.watch is not None:
+            self.watch(pending.src)
         try:
             pending._header_work.wait()
             kind, schema_id, nbytes = pending._header.tolist()
@@ -158,6 +161,8 @@ class TensorDictP2P:
         finally:
             self.wait_seconds += time.perf_counter() - t0
             queue.remove(pending)
+            if self.watch is not None:
+                self.watch(None)
 
 
 class AsyncIntermediateTensors:

@@ -107,6 +107,13 @@ def _cls(path: str):
         return None  # a ComfyUI release without this family
 
 
+def import_family_classes() -> None:
+    """Import the model code of every family in the table (ComfyUI's ``comfy.ldm`` modules)."""
+    for fam in FAMILIES:
+        for path in fam.classes:
+            _cls(path)
+
+
 def family_for(diffusion_model) -> Family:
     """The family entry for a ComfyUI diffusion model; a clear refusal for one that cannot be staged."""
     for fam in FAMILIES:

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import atexit
 import itertools
+import logging
 import os
 import queue
 import secrets
@@ -37,7 +38,10 @@ from multiprocessing.connection import Listener
 from pathlib import Path
 
 from . import wire
+from .health import Watchdog
 from .topology import Topology
+
+log = logging.getLogger("pp_runtime")
 
 PACKAGE_PARENT = str(Path(__file__).resolve().parent.parent)
 
@@ -222,18 +226,28 @@ class WorkerGroup:
             inbox.put((msg, tensors))
 
     def _cause(self, rank: int) -> str:
+        """Why a worker process is gone, as the user reads it: the signal or exit code (its
+        log stays in the worker's log file and the ComfyUI log)."""
         code = self.procs[rank].poll()
         if code is None:
-            how = "closed its control connection"
-        elif code < 0:
-            how = f"was killed by signal {signal.Signals(-code).name}"
-        else:
-            how = f"exited with code {code}"
+            return "closed its control connection"
+        if code < 0:
+            name = signal.Signals(-code).name
+            hint = " (the kernel's out-of-memory killer sends it when host RAM runs out)" if name == "SIGKILL" else ""
+            return f"was killed by signal {name}{hint}"
+        return f"exited with code {code}"
+
+    def _log_tail(self, rank: int, lines: int = 20) -> str:
         try:
-            tail = self.logs[rank].read_text(errors="replace").strip().splitlines()[-6:]
-        except OSError:
-            tail = []
-        return how + (": " + " | ".join(tail) if tail else "")
+            return "\n".join(self.logs[rank].read_text(errors="replace").strip().splitlines()[-lines:])
+        except (OSError, IndexError):
+            return ""
+
+    def _hang(self, rank: int, cause: str):
+        """A worker hangs the group: kill it and the rest, say which rank and why."""
+        log.warning("pipeline worker rank %s hangs: %s; its log:\n%s", rank, cause, self._log_tail(rank))
+        self._fail(rank, cause)
+        raise self._error(rank, cause)
 
     def _first_dead(self, grace: float = 0.0):
         deadline = time.monotonic() + grace
@@ -378,14 +392,16 @@ class WorkerGroup:
                 rank = msg["rank"]
                 time.sleep(0.2)  # let the exit status settle
                 cause = self._cause(rank)
+                log.warning("pipeline worker rank %s %s; its log:\n%s", rank, cause, self._log_tail(rank))
                 self._fail(rank, cause)
                 raise self._error(rank, cause)
             if msg["op"] == "error":
-                rank, cause = msg["rank"], msg["error"] + "\n" + msg.get("traceback", "")
+                rank, cause = msg["rank"], msg["error"]
+                log.warning("pipeline worker rank %s failed: %s\n%s", rank, cause, msg.get("traceback", ""))
                 dead = self._first_dead(grace=1.0)  # a peer's death surfaces as a comm error here
                 if dead is not None and dead != rank:
                     rank, cause = dead, self._cause(dead) + f" (rank {msg['rank']} then saw: {msg['error']})"
-                self._fail(rank, cause.splitlines()[0])
+                self._fail(rank, cause)
                 raise self._error(rank, cause)
             if msg.get("job") == job_id:
                 return msg, tensors
@@ -403,15 +419,24 @@ class WorkerGroup:
             self.state, self.progress = "running", (0, None)
             job_id = f"job{next(self._ids)}"
             ranks, spans, result, interrupt_sent, raised = {}, [], None, False, None
+            watchdog = Watchdog(self.world)
             self._dispatch({"op": "run", "job": job_id, "job_spec": job}, tensors or {}, rank_tensors)
             while len(ranks) < self.world:
                 if not interrupt_sent and (raised is not None or (should_interrupt is not None and should_interrupt())):
                     self.interrupt(job_id)
                     interrupt_sent = True
+                    watchdog.interrupted()
                 msg, t = self._next(job_id)
                 if msg is None:
+                    hang = watchdog.check(set(range(self.world)) - set(ranks))
+                    if hang is not None:
+                        self._hang(*hang)
+                    continue
+                if msg["op"] == "beat":
+                    watchdog.beat(msg["rank"], msg["activity"])
                     continue
                 if msg["op"] == "step":
+                    watchdog.step()
                     self.progress = (msg["step"] + 1, msg["total"])
                 if msg["op"] == "step" and on_step is not None and raised is None:
                     try:

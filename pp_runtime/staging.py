@@ -216,6 +216,7 @@ class StageForward:
         self.model, self.family = model, family
         self.start, self.end, self.first, self.last = start, end, first, last
         self.cancelled = cancelled or (lambda: False)
+        self.on_block = None  # called with the global index before each of this stage's blocks
         self.blocks = block_modules(model, family)
         self.offsets: dict[str, int] = {}
         g = 0
@@ -266,6 +267,8 @@ class StageForward:
             raise StageBoundary(hidden)
         if self.cancelled():
             raise StageCancelled()
+        if self.on_block is not None:
+            self.on_block(g)
         p.blocks_run += 1
         return hidden
 

@@ -33,7 +33,9 @@ import torch.distributed as dist
 from . import wire
 from .comm import PipelineStopped
 from .context import PPContext
+from .health import Activity, apply_memory_cap, describe_failure, start_heartbeat
 from .jobs import build_stage, placement_key
+from .split import Split
 from .pipeline import PPDenoiser
 
 
@@ -49,7 +51,10 @@ class Worker:
         self.handlers = {"run": self.run_job, "release": self.release}
         self._send_lock = threading.Lock()
         self._steps: queue.Queue = queue.Queue()
+        self.activity = Activity()
+        self.memory_cap = 0
         threading.Thread(target=self._stream, daemon=True).start()
+        start_heartbeat(self.send, self.activity, lambda: self.current_job)
 
     def read_control(self):
         while True:
@@ -94,12 +99,16 @@ class Worker:
             if msg["op"] == "shutdown":
                 self.send({"op": "bye"})
                 return
+            self.current_job = msg.get("job") if msg["op"] == "run" else None
             try:
                 self.handlers[msg["op"]](msg, tensors)
             except Exception as e:  # report, then leave: the group is torn down
-                self.send({"op": "error", "job": msg.get("job"), "error": f"{type(e).__name__}: {e}",
-                           "traceback": traceback.format_exc()})
+                self.send({"op": "error", "job": msg.get("job"), "traceback": traceback.format_exc(),
+                           **describe_failure(e, self.rank, self.device, self.activity, self.memory_cap)})
                 self.exit(1)
+            finally:
+                self.current_job = None
+                self.activity.set("idle")
 
     def exit(self, code: int):
         """Leave the process now (other threads may be stuck in a collective)."""
@@ -136,17 +145,29 @@ class Worker:
             if self.device.type == "cuda":
                 torch.cuda.empty_cache()
             t0 = time.perf_counter()
+            start, end = Split(tuple(job["split"])).ranges[ctx.topo.pp_rank]
+            self.activity.set("placing", detail=f"its stage, blocks {start}-{end - 1}")
             if job["kind"] == "comfy_sample":
                 from .comfy_sampling import ComfyStage  # ComfyUI only in workers that run its models
                 placed = ComfyStage(job["model"], job["split"], ctx.topo, self.device)
             else:
                 placed = build_stage(job["model"], job["split"], ctx.topo.pp_rank, self.device)
+            self.activity.set("sampling")
             self.placed[key] = (placed, time.perf_counter() - t0)
         self.placed[key] = self.placed.pop(key)  # most recently used last
         placed, load_s = self.placed[key]
         if getattr(placed, "parked", False):
             placed.to(self.device)
         return placed, loaded, load_s
+
+    def _placed_bytes(self) -> int:
+        """Bytes of the stages this worker holds now (for the memory cap on a CPU worker)."""
+        total = 0
+        for placed, _ in self.placed.values():
+            model = placed[0] if isinstance(placed, tuple) else getattr(placed, "base", None)
+            if isinstance(model, torch.nn.Module):
+                total += sum(p.numel() * p.element_size() for p in model.parameters() if not p.is_meta)
+        return total
 
     def _after(self, job):
         """Residency after a job: keep the stage placed, park it in host RAM, or release it."""
@@ -162,8 +183,12 @@ class Worker:
     def run_job(self, msg, tensors):
         job = msg["job_spec"]
         if job["kind"] == "comfy_sample":
+            self.activity.set("starting", detail="(importing ComfyUI's model code)")
             import_comfy(self.device)
         ctx = PPContext.for_layout(job["layout"]["pp"], job["layout"]["cfg"], self.device)
+        ctx.p2p.watch = self.activity.waiting if ctx.p2p is not None else None
+        self.memory_cap = int(job.get("memory_cap") or 0)
+        apply_memory_cap(self.device, self.memory_cap, self._placed_bytes())
         if self.device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(self.device)  # 'peak' in the done message: this job's
         placed, loaded, load_s = self._place(job, ctx)
@@ -180,7 +205,8 @@ class Worker:
         patched = stage.apply_patches(job, tensors)
         runner = ComfyPipelineRunner(ctx, stage, job.get("micro_batch_size", 1), job.get("batched_cfg", False),
                                      cancelled=lambda: self.interrupt_job == job_id,
-                                     options=job.get("carry", {}).get("transformer_options"))
+                                     options=job.get("carry", {}).get("transformer_options"),
+                                     on_block=self._on_block)
 
         def on_step(i, total, x0):
             if topo.is_output_rank:
@@ -241,6 +267,19 @@ class Worker:
         self.send(done, out)
 
 
+    def _on_block(self, g: int) -> None:
+        self.activity.on_block(g)
+        if _TEST_HANG and _TEST_HANG[:2] == [self.rank, g]:
+            _TEST_HANG[2] -= 1
+            while _TEST_HANG[2] < 0:  # fault injection for the tests: a kernel that never returns
+                time.sleep(1)
+
+
+# PP_TEST_HANG="rank:block:n": that rank blocks forever before that block the (n+1)-th time it
+# reaches it, its heartbeat going on, as a worker stuck in a GPU kernel does.  Watchdog tests only.
+_TEST_HANG = [int(v) for v in os.environ["PP_TEST_HANG"].split(":")] if os.environ.get("PP_TEST_HANG") else None
+
+
 def mem_info(device: torch.device) -> dict:
     """Memory of this worker's device, in bytes (for the web panel).  CUDA: the whole
     device's used/total and this process's peak allocation; CPU: this process's resident
@@ -277,6 +316,8 @@ def import_comfy(device: torch.device) -> None:
         import comfy.samplers  # noqa: F401
 
         from .comfy_sampling import ComfyStage  # noqa: F401  (and the staging table it imports)
+        from .families import import_family_classes
+        import_family_classes()  # every family's model code: placing a stage then allocates only the stage
 
 
 def join_group(rank: int, world: int, device: torch.device, init_method: str, timeout: float) -> dict:
