@@ -231,16 +231,24 @@ def pp_sample(model, group, positive, negative, latent_image, **kw):
     ComfyUI's progress bar, preview and interrupt, return the LATENT."""
     workers = shared_group(group["devices"], extra_paths=[COMFY_ROOT], backend=group.get("backend", "local"),
                            ray_address=group.get("ray_address", ""))
+    # A stock-loader MODEL is handed over as a file in ComfyUI's temp directory (ComfyUI empties
+    # it at every start, so an export left by a crash goes with the next start), or PP_EXPORT_DIR.
+    export_dir = os.environ.get("PP_EXPORT_DIR") or os.path.join(folder_paths.get_temp_directory(), "pp-exports")
     try:
-        job, tensors, rank_tensors = prepare_comfy_job(workers.world, model, positive, negative, latent_image, **kw)
+        job, tensors, rank_tensors = prepare_comfy_job(workers.world, model, positive, negative, latent_image,
+                                                       export_dir=export_dir, **kw)
     except JobError as e:  # bad input: a plain error whose message says what to change
         raise ValueError(str(e)) from None
     job["residency"] = group.get("residency", "keep")
     job["memory_cap"] = group.get("memory_cap", 0)
     preview = latent_preview.prepare_callback(model, kw["steps"])
+
+    def on_step(i, n, x0):
+        # The worker streams x0 to host memory; ComfyUI's previewers (TAESD on the GPU) take
+        # it where the stock sampler's x0 is: on the MODEL's load device.
+        preview(i, x0.to(model.load_device) if x0 is not None else None, None, n)
     try:
-        result = workers.run(job, tensors, rank_tensors=rank_tensors,
-                             on_step=lambda i, n, x0: preview(i, x0, None, n),
+        result = workers.run(job, tensors, rank_tensors=rank_tensors, on_step=on_step,
                              should_interrupt=comfy.model_management.processing_interrupted)
     except WorkerError as e:
         raise RuntimeError(f"PP KSampler: {e}") from None

@@ -18,10 +18,8 @@ import contextlib
 import json
 import math
 import os
-import shutil
 import struct
 import tempfile
-import uuid
 import weakref
 
 import torch
@@ -331,14 +329,19 @@ def saved_names(model) -> set[str]:
     return out
 
 
-_EXPORTS: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
+# -- a MODEL already in memory (stock loader), handed to the workers as a file ----------------
+_EXPORTS: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()  # diffusion model -> export path
+_USERS: dict[str, int] = {}  # export path -> live MODELs that use it
+EXPORT_PREFIX = "pp-export-"
 
 
 def unpatch_in_place(base) -> None:
     """ComfyUI patches weights (LoRA) in place when it loads a MODEL for its own sampler;
-    unload every loaded MODEL on this BaseModel so its weights are the file's again.
-    (It also frees the device memory the ComfyUI process held for it.)"""
+    unload the loaded MODELs on this BaseModel whose weights are patched, so that its
+    weights are the file's again.  A MODEL loaded without weight patches stays loaded."""
     import comfy.model_management as mm
+    if getattr(base, "current_weight_patches_uuid", None) is None:
+        return
     for i in range(len(mm.current_loaded_models) - 1, -1, -1):
         lm = mm.current_loaded_models[i]
         if lm.model is not None and lm.model.model is base:
@@ -349,23 +352,88 @@ def unpatch_in_place(base) -> None:
                          "load it again with Load Diffusion Model")
 
 
+def weights_fingerprint(diffusion_model) -> str:
+    """Identifies a model's weights: names, shapes, dtypes and 16 values of every tensor
+    (read where they are, in place).  Two MODEL objects loaded from the same file match."""
+    import hashlib
+    h = hashlib.sha256()
+    for k, v in diffusion_model.state_dict().items():
+        h.update(f"{k}:{tuple(v.shape)}:{v.dtype};".encode())
+        if v.numel() and not v.is_meta:
+            flat = v.detach().reshape(-1)
+            idx = torch.linspace(0, flat.numel() - 1, min(16, flat.numel())).long().to(flat.device)
+            h.update(flat[idx].to("cpu").contiguous().view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()[:24]
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def _remove_stale_exports(folder: str) -> None:
+    """Exports left by a ComfyUI process that is gone (a crash: atexit never ran)."""
+    for name in os.listdir(folder):
+        parts = name.split("-")
+        if name.startswith(EXPORT_PREFIX) and len(parts) > 3 and parts[2].isdigit() and not _pid_alive(int(parts[2])):
+            try:
+                os.remove(os.path.join(folder, name))
+            except OSError:
+                pass
+
+
+def _release_export(path: str) -> None:
+    _USERS[path] = _USERS.get(path, 1) - 1
+    if _USERS[path] <= 0:
+        _USERS.pop(path, None)
+        try:
+            os.remove(path)
+        except OSError:
+            pass
+
+
 def export_weights(base, folder: str | None = None) -> str:
     """A MODEL already in memory (stock loader): its unpatched weights as one safetensors
-    file that the workers read stage by stage.  Written once per model object."""
+    file that the workers read stage by stage.
+
+    Written into ``folder`` (the nodes pass ComfyUI's temp directory, which ComfyUI empties
+    at every start; default: the system's), once per weights: a MODEL object already
+    exported returns at once, without touching the MODEL (it is not moved off the GPU); a
+    new MODEL object with the same weights finds the same file by fingerprint.  The file is
+    removed when no MODEL uses it any more, at exit, and (a crash) by the next process that
+    exports into the folder."""
     from safetensors.torch import save_file
-    unpatch_in_place(base)
     diffusion_model = base.diffusion_model
     path = _EXPORTS.get(diffusion_model)
     if path and os.path.exists(path):
         return path
-    if folder is None:
-        folder = tempfile.mkdtemp(prefix="pp-export-")
-        atexit.register(shutil.rmtree, folder, True)
-    path = os.path.join(folder, f"model-{uuid.uuid4().hex}.safetensors")
-    sd = {k: v.detach().to("cpu").contiguous() for k, v in diffusion_model.state_dict().items()}
-    save_file(sd, path)
+    unpatch_in_place(base)
+    folder = folder or os.path.join(tempfile.gettempdir(), "pp-exports")
+    os.makedirs(folder, exist_ok=True)
+    _remove_stale_exports(folder)
+    path = os.path.join(folder, f"{EXPORT_PREFIX}{os.getpid()}-{weights_fingerprint(diffusion_model)}.safetensors")
+    if not os.path.exists(path):
+        sd = {k: v.detach().to("cpu").contiguous() for k, v in diffusion_model.state_dict().items()}
+        tmp = path + ".partial"
+        save_file(sd, tmp)
+        os.replace(tmp, path)  # a reader never sees half a file
+        atexit.register(_remove_quietly, path)
     _EXPORTS[diffusion_model] = path
+    _USERS[path] = _USERS.get(path, 0) + 1
+    weakref.finalize(diffusion_model, _release_export, path)
     return path
+
+
+def _remove_quietly(path: str) -> None:
+    try:
+        os.remove(path)
+    except OSError:
+        pass
 
 
 # -- what a MODEL carries besides weights --------------------------------------------
@@ -378,31 +446,53 @@ _KNOWN_OPTION_NODES = {
 }
 
 
+def _plain(v) -> bool:
+    """JSON-able data only (numbers, strings, bools, None, and lists/dicts of them)."""
+    if v is None or isinstance(v, (bool, int, float, str)):
+        return True
+    if isinstance(v, (list, tuple)):
+        return all(_plain(x) for x in v)
+    if isinstance(v, dict):
+        return all(isinstance(k, str) and _plain(x) for k, x in v.items())
+    return False
+
+
 def model_carry(model) -> tuple[dict, dict]:
     """The parts of a ModelPatcher the workers must reproduce, besides weight patches
     (``pack_weight_patches``): (JSON, tensors).
 
-    Carried: the ``model_sampling`` object patch (ModelSamplingFlux, ModelSamplingSD3,
-    ModelSamplingDiscrete, ...) and plain option flags.  Refused with the name of what
-    added them: other object patches, callable sampler options, transformer patches.
+    Carried: the ``model_sampling`` object patch (ModelSamplingFlux, ModelSamplingSD3, ...),
+    plain option flags and plain transformer options (e.g. ``rope_options``), and the
+    sampling patches of EasyCache, LazyCache and the context-window nodes
+    (``sampling_patches.py``).  Refused with the name of what added them: other object
+    patches, callable sampler options, attention or block patches, unknown wrappers.
     """
+    from . import sampling_patches
     others = [k for k in getattr(model, "object_patches", {}) if k != "model_sampling"]
     if others:
         raise CarryError(f"the MODEL has object patches {others} from a model-patch node; PP KSampler can carry "
                          f"only model_sampling (ModelSamplingFlux/SD3/...): remove that node")
-    options = {}
+    options, transformer_options = {}, {}
     for k, v in model.model_options.items():
         if k == "transformer_options":
-            bad = [n for n, x in v.items() if x]
+            bad = [n for n, x in v.items() if x and n != "easycache" and not _plain(x)]
             if bad:
                 raise CarryError(f"the MODEL has transformer options {bad} (attention or block patches from a "
                                  f"model-patch node); PP KSampler cannot run them on split stages: remove that node")
+            transformer_options = {n: x for n, x in v.items() if x and n != "easycache"}
+        elif k == "context_handler":
+            continue  # a sampling patch
         elif isinstance(v, (bool, int, float, str)) or v is None:
             options[k] = v
         else:
             hint = _KNOWN_OPTION_NODES.get(k, "a model-patch node")
             raise CarryError(f"the MODEL has option '{k}' from {hint}; PP KSampler cannot carry it: remove that node")
-    meta, tensors = {"options": options, "model_sampling": None}, {}
+    try:
+        patches = sampling_patches.describe(model)
+    except sampling_patches.UnsupportedPatch as e:
+        raise CarryError(str(e)) from None
+    meta, tensors = {"options": options, "transformer_options": transformer_options, "model_sampling": None,
+                     "sampling_patches": patches}, {}
     ms = model.object_patches.get("model_sampling") if hasattr(model, "object_patches") else None
     if ms is not None:
         meta["model_sampling"], ms_tensors = pack_model_sampling(ms)

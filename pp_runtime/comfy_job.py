@@ -15,7 +15,7 @@ from .split import split_blocks
 from .topology import Topology
 
 
-def weights_source(model, free_host_copy: bool = False) -> dict:
+def weights_source(model, free_host_copy: bool = False, export_dir: str | None = None) -> dict:
     """Where the workers read the weights, and in which dtypes (as the stock loader chose).
 
     ``free_host_copy``: once a MODEL from the stock loader has been handed over, drop its
@@ -27,7 +27,7 @@ def weights_source(model, free_host_copy: bool = False) -> dict:
         if src is not None:  # PP Load Diffusion Model, or a MODEL whose host copy was freed
             cb.check_stamp(src)
             return dict(src)
-        path = cb.export_weights(base)
+        path = cb.export_weights(base, export_dir)
     except cb.CarryError as e:
         raise JobError(str(e)) from e
     src = {"path": path, "dtype": cb.dtype_name(base.get_dtype()),
@@ -61,7 +61,7 @@ def prepare_comfy_job(world: int, model, positive, negative, latent: dict, *, se
                       sampler_name: str, scheduler: str, denoise: float = 1.0, split: dict | None = None,
                       cfg_mode: dict | None = None, disable_noise: bool = False, start_step=None, last_step=None,
                       force_full_denoise: bool = False, micro_batch_size: int = 1,
-                      free_host_copy: bool = False):
+                      free_host_copy: bool = False, export_dir: str | None = None):
     """-> (job, tensors for every rank, rank_tensors(rank): the tensors only that rank needs)."""
     split = split or {"strategy": "balanced", "manual": ""}
     cfg_mode = cfg_mode or {"mode": "auto", "cfg_normalize": False}
@@ -95,7 +95,7 @@ def prepare_comfy_job(world: int, model, positive, negative, latent: dict, *, se
     topo = Topology.build(world, pp=layout["pp"], cfg=layout["cfg"])
     job = {
         "kind": "comfy_sample",
-        "model": weights_source(model, free_host_copy),
+        "model": weights_source(model, free_host_copy, export_dir),
         "split": list(sp.counts), "layout": layout,
         "micro_batch_size": int(micro_batch_size), "batched_cfg": mode == "batched",
         "sampling": {"seed": int(seed), "steps": int(steps), "cfg": float(cfg), "sampler_name": sampler_name,

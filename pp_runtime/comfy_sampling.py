@@ -29,6 +29,7 @@ import torch
 import torch.distributed as dist
 
 from . import comfy_bridge as cb
+from . import sampling_patches
 from .comm import PipelineStopped
 from .families import family_for
 from .jobs import Split
@@ -72,6 +73,10 @@ class ComfyStage:
         self.where = torch.device(device)
         self.backup: dict[str, torch.Tensor] = {}  # unpatched weights of the keys patched now
         self.patches_id = ""
+        # The last rank's MODEL for ComfyUI's sampler: one per placed stage, kept across jobs
+        # (each job samples with a clone of it, as stock samples with clones of the loader's
+        # MODEL), so ComfyUI's model management never finds a dead entry of an earlier job.
+        self.patcher = None
 
     @property
     def parked(self) -> bool:
@@ -433,8 +438,48 @@ class PipelineProxy(torch.nn.Module):
         except AttributeError:
             return getattr(object.__getattribute__(self, "real"), name)
 
-    def forward(self, x, timestep, context=None, control=None, transformer_options={}, **kwargs):
-        return self.runner.run_pass(x, timestep, context, control, transformer_options, **kwargs)
+    def forward(self, *args, **kwargs):
+        """One pass; through the model's DIFFUSION_MODEL wrappers (EasyCache: a skipped call
+        is a skipped pass) where the model's own forward applies them."""
+        real = object.__getattribute__(self, "real")
+        forward = type(real).forward
+        names = forward.__code__.co_names
+        if "new_class_executor" in names and "_forward" in names and hasattr(type(real), "_forward"):
+            return forward(_PassAsModel(real, self.runner), *args, **kwargs)
+        return _pass_from_args(self.runner, type(real).forward, real, args, kwargs)
+
+
+def _pass_from_args(runner, signature_of, real, args, kwargs):
+    """Call ``runner.run_pass`` with a forward's arguments, named as ``signature_of`` names them
+    (the first two are the input and the timestep, whatever a family calls them)."""
+    import inspect
+    bound = inspect.signature(signature_of).bind(real, *args, **kwargs)
+    params = list(bound.arguments.items())[1:]  # without self
+    named = {}
+    for name, value in params[2:]:
+        kind = inspect.signature(signature_of).parameters[name].kind
+        if kind is inspect.Parameter.VAR_KEYWORD:
+            named.update(value)
+        elif kind is not inspect.Parameter.VAR_POSITIONAL:
+            named[name] = value
+    x, timestep = params[0][1], params[1][1]
+    return runner.run_pass(x, timestep, **named)
+
+
+class _PassAsModel:
+    """The real model with its ``_forward`` replaced by a pipeline pass: its own ``forward``
+    runs the DIFFUSION_MODEL wrappers around it, as around the real computation."""
+
+    def __init__(self, real, runner):
+        object.__setattr__(self, "_real", real)
+        object.__setattr__(self, "_runner", runner)
+
+    def __getattr__(self, name):
+        return getattr(object.__getattribute__(self, "_real"), name)
+
+    def _forward(self, *args, **kwargs):
+        real = object.__getattribute__(self, "_real")
+        return _pass_from_args(object.__getattribute__(self, "_runner"), type(real)._forward, real, args, kwargs)
 
 
 def sample_on_last_rank(runner: ComfyPipelineRunner, stage: ComfyStage, job: dict, tensors: dict,
@@ -449,13 +494,17 @@ def sample_on_last_rank(runner: ComfyPipelineRunner, stage: ComfyStage, job: dic
     real_dm = base.diffusion_model
     base.diffusion_model = PipelineProxy(runner, real_dm, stage.dtype)
     try:
-        patcher = comfy.model_patcher.ModelPatcher(base, load_device=device, offload_device=device)
+        if stage.patcher is None:
+            stage.patcher = comfy.model_patcher.ModelPatcher(base, load_device=device, offload_device=device)
+        patcher = stage.patcher.clone()
         carry = job["carry"]
         for k, v in carry["options"].items():
             patcher.model_options[k] = v
+        patcher.model_options["transformer_options"].update(carry.get("transformer_options") or {})
         if carry["model_sampling"] is not None:
             ms_t = {k[3:]: v for k, v in tensors.items() if k.startswith("ms.")}
             patcher.add_object_patch("model_sampling", cb.unpack_model_sampling(carry["model_sampling"], ms_t))
+        patcher = sampling_patches.apply(patcher, carry.get("sampling_patches") or [])  # EasyCache, windows ...
         s = job["sampling"]
         cond = job["conditioning"]
         positive = cb.unpack_conditioning("positive", cond["positive"], tensors)

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import atexit
 import itertools
+import json
 import logging
 import os
 import queue
@@ -38,6 +39,7 @@ from multiprocessing.connection import Listener
 from pathlib import Path
 
 from . import wire
+from .environment import ENV_FLAGS, check_platform, comfy_flags, loopback_interface, visible_device
 from .health import Watchdog
 from .topology import Topology
 
@@ -78,8 +80,9 @@ def parse_devices(devices) -> list[str]:
         if d.startswith("cuda:"):
             import torch
             if int(d[5:]) >= torch.cuda.device_count():
-                raise ValueError(f"device '{d}' does not exist: this machine has {torch.cuda.device_count()} "
-                                 f"CUDA device(s)")
+                seen = {v: os.environ[v] for v in ("CUDA_VISIBLE_DEVICES", "HIP_VISIBLE_DEVICES") if os.environ.get(v)}
+                raise ValueError(f"device '{d}' does not exist: ComfyUI sees {torch.cuda.device_count()} CUDA "
+                                 f"device(s){' (' + ', '.join(f'{k}={v}' for k, v in seen.items()) + ')' if seen else ''}")
         out.append(d)
     cuda = [d for d in out if d != "cpu"]
     if cuda and len(cuda) != len(out):
@@ -92,25 +95,34 @@ def parse_devices(devices) -> list[str]:
 
 
 def worker_env(device: str, world: int, extra_paths=(), cpu_threads: int | None = None) -> dict:
+    """A worker's environment: one visible GPU (the parent's ``device``, mapped through the
+    parent's own visibility), the caching allocator, loopback-only networking, and
+    ComfyUI's flags that change what a stage computes (``environment.py``)."""
     env = {k: v for k, v in os.environ.items()
-           if not k.startswith(("PYTORCH_CUDA_ALLOC_CONF", "PYTORCH_ALLOC_CONF", "CUDA_VISIBLE_DEVICES"))}
-    paths = [PACKAGE_PARENT, *extra_paths] + ([env["PYTHONPATH"]] if env.get("PYTHONPATH") else [])
+           if not k.startswith(("PYTORCH_CUDA_ALLOC_CONF", "PYTORCH_ALLOC_CONF", "CUDA_VISIBLE_DEVICES",
+                                "HIP_VISIBLE_DEVICES"))}
+    # ComfyUI's root before the pack's: ComfyUI's own top-level modules (nodes.py, utils/, ...)
+    # must win over the pack's folders of the same names (nodes/).
+    paths = [*extra_paths, PACKAGE_PARENT] + ([env["PYTHONPATH"]] if env.get("PYTHONPATH") else [])
+    lo = loopback_interface()
     env.update({
         "PYTHONPATH": os.pathsep.join(paths),
         "PYTHONUNBUFFERED": "1",
         # Not ComfyUI's cudaMallocAsync: the caching allocator, growing segments in place.
         "PYTORCH_CUDA_ALLOC_CONF": "expandable_segments:True",
         # Rendezvous, gloo and NCCL bootstrap on loopback only.
-        "GLOO_SOCKET_IFNAME": env.get("GLOO_SOCKET_IFNAME", "lo"),
-        "NCCL_SOCKET_IFNAME": env.get("NCCL_SOCKET_IFNAME", "lo"),
+        "GLOO_SOCKET_IFNAME": env.get("GLOO_SOCKET_IFNAME", lo),
+        "NCCL_SOCKET_IFNAME": env.get("NCCL_SOCKET_IFNAME", lo),
         "NCCL_NVLS_ENABLE": "0",
         "TORCH_NCCL_ASYNC_ERROR_HANDLING": "1",
+        ENV_FLAGS: json.dumps(comfy_flags()),
     })
     if device == "cpu":
         env["CUDA_VISIBLE_DEVICES"] = ""
         env["OMP_NUM_THREADS"] = str(cpu_threads or max(1, (os.cpu_count() or 1) // world))
     else:
-        env["CUDA_VISIBLE_DEVICES"] = device.split(":")[1]
+        var, value = visible_device(int(device.split(":")[1]))
+        env[var] = value
     return env
 
 
@@ -159,6 +171,7 @@ class WorkerGroup:
 
     def _launch(self) -> None:
         """Start the workers; fill ``conns`` and ``info`` and start a ``_read`` thread per rank."""
+        check_platform()
         key = secrets.token_bytes(32)
         listener = Listener(("127.0.0.1", 0), authkey=key)
         port = listener.address[1]
@@ -170,11 +183,13 @@ class WorkerGroup:
                 log = logdir / f"rank{rank}.log"
                 self.logs.append(log)
                 device_arg = "cpu" if dev == "cpu" else "cuda:0"  # each worker sees one GPU
-                proc = subprocess.Popen(
-                    [sys.executable, "-m", "pp_runtime.worker", "--rank", str(rank), "--world", str(self.world),
-                     "--control-port", str(port), "--store", str(store), "--device", device_arg],
-                    stdin=subprocess.PIPE, stdout=open(log, "wb"), stderr=subprocess.STDOUT,
-                    env=worker_env(dev, self.world, self.extra_paths, self.cpu_threads), cwd=PACKAGE_PARENT)
+                with open(log, "wb") as out:  # the child keeps its own descriptor
+                    proc = subprocess.Popen(
+                        [sys.executable, "-m", "pp_runtime.worker", "--rank", str(rank), "--world", str(self.world),
+                         "--control-port", str(port), "--store", str(store), "--device", device_arg],
+                        stdin=subprocess.PIPE, stdout=out, stderr=subprocess.STDOUT,
+                        env=worker_env(dev, self.world, self.extra_paths, self.cpu_threads),
+                        cwd=logdir)  # not the pack's folder: `-m` puts the cwd first on sys.path
                 proc.stdin.write(key.hex().encode() + b"\n")
                 proc.stdin.close()
                 self.procs.append(proc)
@@ -320,7 +335,7 @@ class WorkerGroup:
                           "pid": info.get("pid") if self.alive else None,
                           "stage": done.get("stage"), "pp_rank": done.get("pp_rank"), "cfg_rank": done.get("cfg_rank"),
                           "mem": done.get("mem") or info.get("mem"), "seconds": done.get("seconds"),
-                          "loaded": done.get("loaded")})
+                          "loaded": done.get("loaded"), "passes": done.get("passes"), "comfy": done.get("comfy")})
         step, total = self.progress if self.state == "running" and self.progress else (None, None)
         return {"devices": self.devices, "backend": self.backend, "state": self.state, "failure": self.failure,
                 "layout": last.get("layout"), "split": last.get("split"), "model": last.get("family"),

@@ -33,6 +33,7 @@ import torch.distributed as dist
 from . import wire
 from .comm import PipelineStopped
 from .context import PPContext
+from .environment import apply_comfy_flags, comfy_flags, flags_from_env
 from .health import Activity, apply_memory_cap, describe_failure, start_heartbeat
 from .jobs import build_stage, placement_key
 from .split import Split
@@ -224,7 +225,7 @@ class Worker:
         done = {"op": "done", "job": job_id, "interrupted": interrupted, **info,
                 "seconds": time.perf_counter() - t_start, "spans": runner.timeline.take(wait=True),
                 "stage": list(stage.range), "pp_rank": topo.pp_rank, "cfg_rank": topo.cfg_rank,
-                "passes": runner.passes, "patched": patched,
+                "passes": runner.passes, "patched": patched, "comfy": comfy_runtime(),
                 "bytes_read": stage.bytes_read if info["loaded"] else 0,
                 "load_peak_growth": stage.load_peak_growth if info["loaded"] else 0, "mem": mem_info(self.device), "clock0_ms": runner.timeline._t0 * 1e3}
         out = None
@@ -301,10 +302,18 @@ def mem_info(device: torch.device) -> dict:
     return out
 
 
+def comfy_runtime() -> dict:
+    """What this worker's ComfyUI runs with: its carried flags and the attention function
+    ComfyUI chose (for the panel and the tests: the same as the ComfyUI process's)."""
+    import comfy.ldm.modules.attention as attention
+    return {"flags": comfy_flags(), "attention": attention.optimized_attention.__name__}
+
+
 def import_comfy(device: torch.device) -> None:
     """ComfyUI's model code in this process (its root is on PYTHONPATH), CPU mode on CPU workers."""
     if "comfy.model_management" not in sys.modules:
         from comfy.cli_args import args
+        apply_comfy_flags(flags_from_env())  # the ComfyUI process's flags: the same kernels as stock
         args.cpu = device.type == "cpu"
         # All of ComfyUI's model code a worker uses, imported up front: a stage's placement
         # then measures the stage, not the interpreter loading modules.

@@ -101,6 +101,17 @@ class Preview:
     event: int               # 1/2 (plain JPEG/PNG) or 4 (with metadata)
     node_id: str | None       # from the metadata of event 4
     nbytes: int
+    image: bytes = b""        # the encoded image
+
+    @property
+    def size(self) -> tuple[int, int] | None:
+        """(width, height) of the preview image."""
+        import io
+        from PIL import Image
+        try:
+            return Image.open(io.BytesIO(self.image)).size
+        except Exception:
+            return None
 
 
 @dataclass
@@ -266,7 +277,7 @@ class WSFollower:
 
 def _parse_binary(data: bytes):
     event = struct.unpack(">I", data[:4])[0]
-    node = None
+    node, image = None, b""
     if event == 4 and len(data) >= 8:
         n = struct.unpack(">I", data[4:8])[0]
         try:
@@ -275,9 +286,11 @@ def _parse_binary(data: bytes):
             node = None if node is None else str(node)
         except ValueError:
             pass
+        image = data[8 + n:]
     elif event == 1 and len(data) >= 8:
         event = struct.unpack(">I", data[4:8])[0]  # 1 = JPEG, 2 = PNG (plain preview)
-    return event, Preview(event=event, node_id=node, nbytes=len(data))
+        image = data[8:]
+    return event, Preview(event=event, node_id=node, nbytes=len(data), image=image)
 
 
 # ---------------------------------------------------------------------------------------
@@ -322,6 +335,9 @@ class ComfyServer:
                 "--base-directory", str(self.base),
                 "--cpu", "--listen", "127.0.0.1", "--port", str(self.port),
                 "--disable-auto-launch", "--preview-method", "latent2rgb",
+                # a flag that changes the kernels (CPU default: sub-quadratic attention): the
+                # workers must run with it too (test_server_e2e checks /pp/status)
+                "--use-pytorch-cross-attention",
                 "--output-directory", str(self.output_dir),
                 "--user-directory", str(self.base / "user"),
                 "--database-url", "sqlite:///:memory:",
@@ -450,9 +466,12 @@ class ComfyServer:
                         f"see {self.log_path})\n{self.log_tail(40)}")
 
     # -- the client API ------------------------------------------------------------
-    def submit(self, graph: dict) -> tuple[int, object]:
-        """POST /prompt; (HTTP status, parsed body)."""
-        return self.post("/prompt", {"prompt": graph, "client_id": self.client_id})
+    def submit(self, graph: dict, extra_data: dict | None = None) -> tuple[int, object]:
+        """POST /prompt; (HTTP status, parsed body).  ``extra_data``: e.g. {"preview_method": "taesd"}."""
+        body = {"prompt": graph, "client_id": self.client_id}
+        if extra_data:
+            body["extra_data"] = extra_data
+        return self.post("/prompt", body)
 
     def history(self, prompt_id: str, timeout: float = 10.0) -> dict:
         """The prompt's history entry.  ComfyUI records it just after it sends
@@ -473,7 +492,7 @@ class ComfyServer:
         """GET /pp/status: (HTTP status, body) — the pack's worker-group report."""
         return self.get("/pp/status", timeout=10)
 
-    def run(self, graph: dict, timeout: float = 120, on_event=None) -> RunResult:
+    def run(self, graph: dict, timeout: float = 120, on_event=None, extra_data: dict | None = None) -> RunResult:
         """Submit and follow the websocket until the prompt's terminal event.
 
         ``on_event(index, message)`` is called for each new message while waiting (for
@@ -484,7 +503,7 @@ class ComfyServer:
         ws = self.ws
         start = ws.mark()
         t0 = time.monotonic()
-        status, body = self.submit(graph)
+        status, body = self.submit(graph, extra_data)
         pid = body.get("prompt_id") if status == 200 and isinstance(body, dict) else None
         res = RunResult(prompt_id=pid, http_status=status, http_body=body, t_submit=t0)
         if pid is None:

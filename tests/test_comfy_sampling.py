@@ -78,13 +78,15 @@ def test_cfg1_batch2_denoise_on_non_empty_latent(setup):
 
 
 def test_model_sampling_patch_is_carried(setup):
-    """ModelSamplingSD3 (shift) changes the sigmas: the workers must see the same patch."""
+    """ModelSamplingSD3 with a shift other than Wan's default (8) changes the sigmas: the
+    workers must sample with the patch (a dropped patch would give the unpatched result)."""
     from comfy_extras.nodes_model_advanced import ModelSamplingSD3
     model, pos, neg, group = setup
-    patched = ModelSamplingSD3().patch(model, shift=8.0)[0]
-    diff, _, _ = _compare((patched, pos, neg, group), EMPTY, "euler", "simple")
-    plain, _, _ = _compare(setup, EMPTY, "euler", "simple")
-    assert diff <= TOL and plain <= TOL
+    patched = ModelSamplingSD3().patch(model, shift=2.0)[0]
+    diff, ref, _ = _compare((patched, pos, neg, group), EMPTY, "euler", "simple")
+    plain, ref_plain, _ = _compare(setup, EMPTY, "euler", "simple")
+    print(f"shift 2: max|diff| {diff:.2e}; the shift moved the result by {(ref - ref_plain).abs().max().item():.2e}")
+    assert diff <= TOL and plain <= TOL and (ref - ref_plain).abs().max() > 1e-3
 
 
 @pytest.mark.parametrize("patch,message", [
@@ -92,6 +94,10 @@ def test_model_sampling_patch_is_carried(setup):
     (lambda m: m.add_patches({("diffusion_model.blocks.0.ffn.0.weight", None, lambda w: w): (torch.zeros(1),)}),
      "custom function"),
     (lambda m: m.set_model_attn1_patch(lambda *a: a), "transformer options"),
+    (lambda m: m.add_wrapper_with_key("sampler_sample", "some_node", lambda ex, *a, **k: ex(*a, **k)),
+     "sampler_sample wrapper 'some_node'"),
+    (lambda m: m.add_callback_with_key("on_pre_run", "other_node", lambda *a: None), "on_pre_run callback 'other_node'"),
+    (lambda m: m.set_attachments("third_node", object()), "attachment 'third_node'"),
 ])
 def test_uncarriable_model_patch_is_refused(setup, patch, message):
     """What a model-patch node adds and PP KSampler cannot run is refused before any work."""

@@ -98,12 +98,13 @@ def test_worker_exception_names_rank_and_cause_then_next_job_works():
     (dict(cfg_mode="sideways"), "cfg mode 'sideways' is unknown"),
 ])
 def test_invalid_input_rejected_before_any_worker_starts(kw, message):
-    group = WorkerGroup("cpu,cpu")
+    """The job is refused while it is described, with the message that says what to change.
+    (That no group starts or restarts for a refused prompt is checked through the server:
+    test_server_e2e.test_invalid_input_fails_cleanly.)"""
     world = kw.pop("world", 2)
     with pytest.raises(JobError, match=message.replace("(", r"\(")):
         prepare_denoise_job(world, TOY, latent_shape=[1, 4, 4, 4], steps=4, seed=0,
                             **{"scheduler": "flow_euler", "guidance_scale": 3.0, **kw})
-    assert group.state == "not started" and group.procs == []
 
 
 @pytest.mark.parametrize("devices,message", [

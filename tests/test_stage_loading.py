@@ -316,3 +316,42 @@ def test_bf16_fp16_and_prefixed_files(tmp_path, dtype, prefix):
                            EMPTY["samples"], seed=3, steps=2, cfg=3.0, sampler_name="euler", scheduler="simple")
     print(f"Wan {dtype} file, prefix {prefix!r}: max|diff| {diff:.2e}")
     assert diff <= TOL
+
+
+def test_stock_model_export_is_reused_kept_on_its_device_and_removed(tmp_path):
+    """A MODEL from the stock loader is exported once per weights into the given folder:
+    the same MODEL again, or a new MODEL object with the same weights, writes nothing and
+    does not unload the MODEL from ComfyUI's memory management; the file goes when no
+    MODEL uses it; an export left by a dead process is removed by the next export."""
+    import gc
+
+    import comfy.model_management as mm
+    from pp_runtime import comfy_bridge as cb
+    path = str(cached_model_files()["wan21_t2v"])
+    pos, neg = _conds(1)
+    folder = tmp_path / "exports"
+    folder.mkdir()
+    stale = folder / f"{cb.EXPORT_PREFIX}999999-0123456789ab.safetensors"  # a crashed process's (no such pid)
+    stale.write_bytes(b"x")
+
+    def job(model):
+        return prepare_comfy_job(2, model, pos, neg, EMPTY, seed=1, steps=1, cfg=3.0, sampler_name="euler",
+                                 scheduler="simple", export_dir=str(folder))[0]["model"]["path"]
+
+    a = comfy.sd.load_diffusion_model(path)
+    mm.load_models_gpu([a])  # as after a stock KSampler run
+    first = job(a)
+    assert not stale.exists() and os.path.dirname(first) == str(folder)
+    mtime = os.stat(first).st_mtime_ns
+    mm.load_models_gpu([a])
+    assert job(a) == first and os.stat(first).st_mtime_ns == mtime
+    assert any(lm.model is a for lm in mm.current_loaded_models), "the MODEL was unloaded for an export it had"
+    b = comfy.sd.load_diffusion_model(path)  # a new MODEL object, the same weights
+    assert job(b) == first and os.stat(first).st_mtime_ns == mtime
+    c = comfy.sd.load_diffusion_model(str(make_wan21_t2v(tmp_path / "other.safetensors", seed=9)))
+    other = job(c)
+    assert other != first
+    mm.unload_all_models()
+    del a, b, c
+    gc.collect()
+    assert not os.path.exists(first) and not os.path.exists(other), "an export outlived every MODEL using it"

@@ -44,6 +44,7 @@ import struct
 import threading
 import time
 
+from ..environment import ENV_FLAGS, comfy_flags
 from ..group import PACKAGE_PARENT, WorkerGroup
 
 RAY_INSTALL_HINT = 'backend \'ray\' needs Ray: pip install "ray[default]>=2.9"'
@@ -267,6 +268,7 @@ class RayWorkerGroup(WorkerGroup):
                "PYTORCH_CUDA_ALLOC_CONF": "expandable_segments:True",
                "NCCL_NVLS_ENABLE": "0", "TORCH_NCCL_ASYNC_ERROR_HANDLING": "1"}
         env.update({k: v for k, v in os.environ.items() if k.startswith(PASS_ENV_PREFIXES)})
+        env[ENV_FLAGS] = json.dumps(comfy_flags())  # ComfyUI's flags, as for local workers
         if self.spec[0] == "cpu":
             env["CUDA_VISIBLE_DEVICES"] = ""
             env["OMP_NUM_THREADS"] = str(self.cpu_threads or max(1, int(self.cpus_per_actor)))
@@ -295,7 +297,7 @@ class RayWorkerGroup(WorkerGroup):
                                f"{self.startup_timeout:.0f} s; free now: {ray.available_resources()}") from None
         order = self._bundle_order(ray)
         actor_cls = _actor_class(ray)
-        env, paths = self._actor_env(), [PACKAGE_PARENT, *self.extra_paths]
+        env, paths = self._actor_env(), [*self.extra_paths, PACKAGE_PARENT]  # ComfyUI first, as local workers
         self.actors = [
             actor_cls.options(
                 num_cpus=self.cpus_per_actor, num_gpus=1 if kind == "cuda" else 0, max_concurrency=8,
