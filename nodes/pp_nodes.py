@@ -44,15 +44,17 @@ class PPWorkerGroup:
             "residency": (["keep", "park", "release"], {"tooltip": "After each prompt: keep the model's stages "
                           "on the devices (fastest next prompt), park them in host RAM (frees GPU memory, quick "
                           "to bring back), or release them (frees everything; the next prompt loads again)."}),
-            "memory_cap_gb": ("FLOAT", {"default": 0.0, "min": 0.0, "max": 4096.0, "step": 0.5,
-                                        "tooltip": "Memory each worker may use, in GB (0: all of its GPU). For GPUs "
-                                        "shared with other work, or to try a split for smaller cards. A stage that "
-                                        "does not fit fails the prompt with what to change."}),
+            "memory_cap_gb": ("STRING", {"default": "", "tooltip": "Memory each worker may use, in GB: one number "
+                                         "for every device ('24'), or one per device ('32,24'); empty: all of its "
+                                         "GPU. For GPUs shared with other work, or to try smaller cards. The "
+                                         "by_memory split fills the devices in proportion; a stage that does not "
+                                         "fit fails the prompt with what to change."}),
         }}
 
     @classmethod
-    def VALIDATE_INPUTS(cls, devices, backend, ray_address="", residency="keep", memory_cap_gb=0.0):
+    def VALIDATE_INPUTS(cls, devices, backend, ray_address="", residency="keep", memory_cap_gb=""):
         try:
+            parse_caps(memory_cap_gb, None)
             if backend == "ray":
                 from ..pp_runtime.backends.ray_backend import RAY_INSTALL_HINT, parse_ray_devices, ray_available
                 if not ray_available():
@@ -64,10 +66,26 @@ class PPWorkerGroup:
             return str(e)
         return True
 
-    def make(self, devices, backend, ray_address="", residency="keep", memory_cap_gb=0.0):
+    def make(self, devices, backend, ray_address="", residency="keep", memory_cap_gb=""):
         return ({"devices": devices if backend == "ray" else parse_devices(devices), "backend": backend,
-                 "ray_address": ray_address or "", "residency": residency,
-                 "memory_cap": int(float(memory_cap_gb) * 2**30)},)
+                 "ray_address": ray_address or "", "residency": residency, "memory_cap_gb": str(memory_cap_gb)},)
+
+
+def parse_caps(text, world: int | None) -> list[int]:
+    """'' / '24' / '32,24' (GB) -> bytes per device (0: no cap)."""
+    text = str(text or "").strip()
+    if text in ("", "0"):
+        return [0] * (world or 1)
+    try:
+        gb = [float(x) for x in text.replace(" ", "").split(",") if x]
+    except ValueError:
+        raise ValueError(f"memory_cap_gb '{text}' must be a number of GB, or one per device, e.g. '32,24'") from None
+    if any(g < 0 for g in gb):
+        raise ValueError(f"memory_cap_gb '{text}' has a negative cap")
+    if world is not None and len(gb) not in (1, world):
+        raise ValueError(f"memory_cap_gb '{text}' gives {len(gb)} caps for {world} devices: give one, or one per device")
+    caps = [int(g * 2**30) for g in gb]
+    return caps * world if world is not None and len(caps) == 1 else caps
 
 
 class PPStageSplit:
@@ -231,16 +249,24 @@ def pp_sample(model, group, positive, negative, latent_image, **kw):
     ComfyUI's progress bar, preview and interrupt, return the LATENT."""
     workers = shared_group(group["devices"], extra_paths=[COMFY_ROOT], backend=group.get("backend", "local"),
                            ray_address=group.get("ray_address", ""))
+    try:
+        caps = parse_caps(group.get("memory_cap_gb", ""), workers.world)
+    except ValueError as e:
+        raise ValueError(str(e)) from None
+    device_memory = None
+    if (kw.get("split") or {}).get("strategy") == "by_memory":  # fit the devices: their memory, or the caps
+        device_memory = workers.device_memory(caps) if any(caps) else workers.start().device_memory()
     # A stock-loader MODEL is handed over as a file in ComfyUI's temp directory (ComfyUI empties
     # it at every start, so an export left by a crash goes with the next start), or PP_EXPORT_DIR.
     export_dir = os.environ.get("PP_EXPORT_DIR") or os.path.join(folder_paths.get_temp_directory(), "pp-exports")
     try:
         job, tensors, rank_tensors = prepare_comfy_job(workers.world, model, positive, negative, latent_image,
-                                                       export_dir=export_dir, **kw)
+                                                       export_dir=export_dir, device_memory=device_memory,
+                                                       devices=list(workers.devices), **kw)
     except JobError as e:  # bad input: a plain error whose message says what to change
         raise ValueError(str(e)) from None
     job["residency"] = group.get("residency", "keep")
-    job["memory_cap"] = group.get("memory_cap", 0)
+    job["memory_caps"] = caps
     preview = latent_preview.prepare_callback(model, kw["steps"])
 
     def on_step(i, n, x0):

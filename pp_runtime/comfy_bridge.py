@@ -42,9 +42,18 @@ def dtype_of(name):
 
 
 # -- staging -------------------------------------------------------------------------
+_PROFILES: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
+
+
 def model_profile(diffusion_model) -> dict:
     """The family of a ComfyUI diffusion model and what the split needs to know of it
-    (refused here, with the reason, if the model cannot be staged)."""
+    (refused here, with the reason, if the model cannot be staged); once per model object."""
+    if diffusion_model not in _PROFILES:
+        _PROFILES[diffusion_model] = _model_profile(diffusion_model)
+    return _PROFILES[diffusion_model]
+
+
+def _model_profile(diffusion_model) -> dict:
     from .families import UnsupportedModel, family_for
     from .staging import profile, unplaced
     try:
@@ -227,9 +236,13 @@ def unpack_config(spec: dict):
     return getattr(sm, spec["class"])(dec(spec["unet_config"]))
 
 
-def meta_base_model(path: str, dtype, manual_cast, config: dict | None = None):
+def meta_base_model(path: str, dtype, manual_cast, config: dict | None = None, real_buffers: bool = False):
     """ComfyUI's BaseModel for the file, its diffusion model on the meta device: the carried
-    ``config`` (``pack_config``), else the one ComfyUI's detection finds in the file."""
+    ``config`` (``pack_config``), else the one ComfyUI's detection finds in the file.
+
+    ``real_buffers`` (a worker, which runs the model): buffers are built for real on the CPU
+    (``parameters_on_meta``).  Only in a worker process: the construction hook is
+    process-wide, and the ComfyUI process builds stock models on other threads."""
     if config is None:
         model_config, prefix, sd = detect(path)
     else:
@@ -240,6 +253,8 @@ def meta_base_model(path: str, dtype, manual_cast, config: dict | None = None):
         if quant:
             model_config.quant_config = quant
     model_config.set_inference_dtype(dtype, manual_cast)
+    if not real_buffers:
+        return model_config.get_model(sd, "", device="meta"), prefix
     with parameters_on_meta():
         base = model_config.get_model(sd, "", device="cpu")
     return base, prefix

@@ -61,7 +61,8 @@ def prepare_comfy_job(world: int, model, positive, negative, latent: dict, *, se
                       sampler_name: str, scheduler: str, denoise: float = 1.0, split: dict | None = None,
                       cfg_mode: dict | None = None, disable_noise: bool = False, start_step=None, last_step=None,
                       force_full_denoise: bool = False, micro_batch_size: int = 1,
-                      free_host_copy: bool = False, export_dir: str | None = None):
+                      free_host_copy: bool = False, export_dir: str | None = None,
+                      device_memory: list[int] | None = None, devices: list[str] | None = None):
     """-> (job, tensors for every rank, rank_tensors(rank): the tensors only that rank needs)."""
     split = split or {"strategy": "balanced", "manual": ""}
     cfg_mode = cfg_mode or {"mode": "auto", "cfg_normalize": False}
@@ -81,10 +82,19 @@ def prepare_comfy_job(world: int, model, positive, negative, latent: dict, *, se
         cfg = 1.0  # one branch: ComfyUI itself skips the uncond pass at cfg 1
     do_cfg = cfg != 1.0
     layout = choose_layout(world, mode, do_cfg)
+    capacities = reserve = None
+    if device_memory is not None and split["strategy"] == "by_memory":
+        # per pipeline stage: the smallest of its devices (one per CFG pipeline)
+        topo = Topology.build(world, pp=layout["pp"], cfg=layout["cfg"])
+        capacities = [min(device_memory[r] for r in range(world) if topo.coords_of(r)["pp"] == s)
+                      for s in range(layout["pp"])]
+        rows = micro_batch_size if mode != "batched" else 2 * micro_batch_size
+        reserve = int(model.model.memory_required([rows] + list(samples.shape[1:])))  # ComfyUI's own estimate
     try:
         sp = split_blocks(split["strategy"], profile["num_blocks"], layout["pp"], costs=profile["costs"],
                           block_bytes=profile["block_bytes"], first_bytes=profile["first_bytes"],
-                          last_bytes=profile["last_bytes"], manual=split.get("manual"))
+                          last_bytes=profile["last_bytes"], shared_bytes=profile["shared_bytes"],
+                          capacities=capacities, reserve=reserve or 0, devices=devices, manual=split.get("manual"))
     except ValueError as e:
         raise JobError(f"{e} ({profile['family']} has {profile['num_blocks']} blocks)") from e
     prefixes = cb.stage_prefixes(model.model.diffusion_model, sp.ranges)

@@ -25,6 +25,8 @@ the CFG group) so both hold the full output.
 """
 from __future__ import annotations
 
+import time
+
 import torch
 import torch.distributed as dist
 
@@ -52,7 +54,7 @@ class ComfyStage:
         self.dtype = cb.dtype_of(spec["dtype"])
         cb.check_stamp(spec)  # every rank reads the file the job was built for
         self.base, prefix = cb.meta_base_model(spec["path"], self.dtype, cb.dtype_of(spec.get("manual_cast")),
-                                               spec.get("config"))
+                                               spec.get("config"), real_buffers=True)
         dm = self.base.diffusion_model
         self.family = family_for(dm)
         prefixes = stage_prefixes(dm, self.family, start, end, topo.is_first, topo.is_last)
@@ -244,10 +246,13 @@ class ComfyPipelineRunner:
         self.options = dict(options or {})  # the job's carried transformer options (plain values)
         self.timeline = Timeline(ctx.device, ctx.topo.rank)
         self.passes = 0
+        self.first_pass = None  # monotonic time the first pass began here
         stage.forward.cancelled = cancelled or (lambda: False)
         stage.forward.on_block = on_block
 
     def _forward(self, kw: dict, opts: dict, state_in, label: str):
+        if self.first_pass is None:
+            self.first_pass = time.monotonic()
         kw = dict(kw)
         args = (kw.pop("x"), kw.pop("timestep"))  # positional, as ComfyUI's BaseModel passes them
         with self.timeline.span("compute", label):

@@ -146,6 +146,7 @@ class WorkerGroup:
         self._inbox: queue.Queue = queue.Queue()
         self._ids = itertools.count(1)
         self._lock = threading.Lock()
+        self.held: list[dict] = []  # per rank, {placement key: patches id} after its last job
 
     # -- lifecycle -----------------------------------------------------------------
     def start(self) -> "WorkerGroup":
@@ -153,6 +154,7 @@ class WorkerGroup:
             return self
         self.state, self.failure = "starting", None
         self._inbox = queue.Queue()  # a new group never sees a message of the old one
+        self.held = []
         try:
             self._launch()
         except BaseException:
@@ -358,25 +360,30 @@ class WorkerGroup:
         for r in (range(self.world) if ranks is None else ranks):
             wire.send(self.conns[r], msg, tensors)
 
-    def _dispatch(self, msg: dict, tensors: dict, rank_tensors) -> None:
+    def _dispatch(self, msg: dict, tensors: dict, rank_tensors) -> int:
         """Send a job: the shared tensors only to the ranks that use them (the job's
         ``tensors_to``: every rank, the first or the last stage of each pipeline), each
-        distinct payload encoded once; ``rank_tensors(r)`` adds what only rank r needs."""
+        distinct payload encoded once; ``rank_tensors(r)`` adds what only rank r needs.
+        Returns the bytes sent."""
         to = msg["job_spec"].get("tensors_to", "all")
         layout = msg["job_spec"].get("layout")
         topo = Topology.build(self.world, pp=layout["pp"], cfg=layout["cfg"]) if layout else None
         encoded: dict[bool, bytes] = {}
+        sent = 0
         for r in range(self.world):
             pp_rank = topo.coords_of(r)["pp"] if topo else 0
             wants = (to == "all" or (to == "first" and pp_rank == 0)
                      or (to == "last" and topo is not None and pp_rank == topo.pp_size - 1))
             extra = rank_tensors(r) if rank_tensors is not None else {}
             if extra:
-                wire.send(self.conns[r], msg, {**(tensors if wants else {}), **extra})
-                continue
-            if wants not in encoded:
-                encoded[wants] = wire.encode(msg, tensors if wants else None)
-            self.conns[r].send_bytes(encoded[wants])
+                data = wire.encode(msg, {**(tensors if wants else {}), **extra})
+            else:
+                if wants not in encoded:
+                    encoded[wants] = wire.encode(msg, tensors if wants else None)
+                data = encoded[wants]
+            self.conns[r].send_bytes(data)
+            sent += len(data)
+        return sent
 
     def interrupt(self, job_id: str) -> None:
         self._broadcast({"op": "interrupt", "job": job_id})
@@ -430,12 +437,17 @@ class WorkerGroup:
         """
         if self.state not in ("idle",):
             self.start()
+        host = {"run": time.monotonic()}
         with self._lock:
             self.state, self.progress = "running", (0, None)
             job_id = f"job{next(self._ids)}"
             ranks, spans, result, interrupt_sent, raised = {}, [], None, False, None
             watchdog = Watchdog(self.world)
-            self._dispatch({"op": "run", "job": job_id, "job_spec": job}, tensors or {}, rank_tensors)
+            if self._holds_patches(job):  # every rank has this stage with these patches: no tensors
+                rank_tensors = None
+            host["sent_bytes"] = self._dispatch({"op": "run", "job": job_id, "job_spec": job}, tensors or {},
+                                                rank_tensors)
+            host["dispatched"] = time.monotonic()
             while len(ranks) < self.world:
                 if not interrupt_sent and (raised is not None or (should_interrupt is not None and should_interrupt())):
                     self.interrupt(job_id)
@@ -452,6 +464,8 @@ class WorkerGroup:
                     continue
                 if msg["op"] == "step":
                     watchdog.step()
+                    host.setdefault("first_step", time.monotonic())
+                    host["last_step"] = time.monotonic()
                     self.progress = (msg["step"] + 1, msg["total"])
                 if msg["op"] == "step" and on_step is not None and raised is None:
                     try:
@@ -470,13 +484,43 @@ class WorkerGroup:
                         result = [t[k] for k in sorted((k for k in t if k.startswith("latents#")),
                                                        key=lambda k: int(k.rpartition("#")[2]))]
             self.state = "idle"
-        self.last_run = {"ranks": [ranks[r] for r in range(self.world)], "spans": spans,
+            host["done"] = time.monotonic()
+            self.held = [ranks[r].get("held") or {} for r in range(self.world)]
+        self.last_run = {"ranks": [ranks[r] for r in range(self.world)], "spans": spans, "host_phases": host,
                          "layout": job.get("layout"), "split": job.get("split"), "family": job.get("family"),
                          "model": job.get("model"), "finished": time.time()}
         if raised is not None:
             raise raised
         return {"latents": result, "interrupted": any(r["interrupted"] for r in ranks.values()),
-                "ranks": [ranks[r] for r in range(self.world)], "spans": spans}
+                "ranks": [ranks[r] for r in range(self.world)], "spans": spans, "host_phases": host}
+
+    def device_memory(self, caps: list[int] | None = None) -> list[int] | None:
+        """Bytes each rank may use for its stage: its memory cap where one is set, else (a GPU)
+        its device's free memory plus what the worker itself holds, at the worker's last
+        report (so the ComfyUI process's own models and other programs on that GPU count).
+        None when a rank has neither (CPU workers without a cap)."""
+        out = []
+        for r in range(self.world):
+            cap = (caps or [0] * self.world)[r]
+            if cap:
+                out.append(int(cap))
+                continue
+            last = ((getattr(self, "last_run", None) or {}).get("ranks") or [None] * self.world)[r] or {}
+            mem = last.get("mem") or ((self.info[r] if r < len(self.info) else None) or {}).get("mem") or {}
+            if mem.get("kind") == "cuda":
+                out.append(int(mem["total"] - mem["used"] + mem.get("reserved", 0)))
+            else:
+                return None
+        return out
+
+    def _holds_patches(self, job: dict) -> bool:
+        """Every rank already holds this job's stage with the job's weight patches."""
+        pid = job.get("patches_id")
+        if not pid or len(self.held) != self.world:
+            return False
+        from .jobs import placement_key
+        key = placement_key(job)
+        return all(h.get(key) == pid for h in self.held)
 
 
 # -- groups shared across prompts and nodes ---------------------------------------------

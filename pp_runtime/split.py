@@ -75,9 +75,22 @@ def _min_max_partition(weights: list[float], stages: int, stage_scale: list[floa
     return tuple(reversed(counts))
 
 
+def _gb(n: float) -> str:
+    return f"{n / 2**30:.2f} GiB"
+
+
 def split_blocks(strategy: str, num_blocks: int, stages: int, *, costs: list[float] | None = None,
                  block_bytes: list[int] | None = None, first_bytes: int = 0, last_bytes: int = 0,
-                 device_weights: list[float] | None = None, manual: str | None = None) -> Split:
+                 shared_bytes: int = 0, capacities: list[int] | None = None, reserve: int = 0,
+                 devices: list[str] | None = None, device_weights: list[float] | None = None,
+                 manual: str | None = None) -> Split:
+    """The split of ``num_blocks`` blocks into ``stages`` stages.
+
+    ``by_memory`` with ``capacities`` (bytes each stage's device may use: its free memory,
+    or the worker's memory cap) fills the devices in proportion to what each can take after
+    ``reserve`` (activations) — a 32 GB and a 24 GB card get 4:3 of the weights — and
+    refuses with the numbers when the model cannot fit.  Every stage holds ``shared_bytes``
+    (the non-block weights), the first also ``first_bytes``, the last ``last_bytes``."""
     if strategy not in STRATEGIES:
         raise SplitError(f"split strategy '{strategy}' is unknown; use one of {', '.join(STRATEGIES)}")
     if stages < 1:
@@ -109,9 +122,33 @@ def split_blocks(strategy: str, num_blocks: int, stages: int, *, costs: list[flo
         if not block_bytes:
             raise SplitError("by_memory needs the parameter bytes of each block")
         w = [float(b) for b in block_bytes]
-        extra = [0.0] * stages
+        extra = [float(shared_bytes)] * stages
         extra[0] += first_bytes
         extra[-1] += last_bytes
+        if capacities is not None:
+            # activations (ComfyUI's estimate) and a tenth of the device for everything else
+            # a sampling process allocates (buffers, kernels' workspaces, fragmentation)
+            room = [0.9 * c - reserve for c in capacities]
+            if len(room) != stages or min(room) <= 0:
+                worst = min(range(len(room)), key=lambda i: room[i])
+                raise SplitError(_does_not_fit(worst, capacities, reserve, extra[worst], devices, None))
+            counts = _min_max_partition(w, stages, room, extra)
+            sp = Split(counts, strategy)
+            for i, (a, b) in enumerate(sp.ranges):
+                need = extra[i] + sum(w[a:b])
+                if need > room[i]:
+                    raise SplitError(_does_not_fit(i, capacities, reserve, need, devices, sum(w) + sum(extra)))
+            return sp
     if len(w) != num_blocks:
         raise SplitError(f"{len(w)} block weights given for {num_blocks} blocks")
     return Split(_min_max_partition(w, stages, weights, extra), strategy)
+
+
+def _does_not_fit(i, capacities, reserve, need, devices, total) -> str:
+    where = f"rank {i}" + (f" ({devices[i]})" if devices else "")
+    msg = (f"the model does not fit: {where} would hold {_gb(need)} of weights, but it has {_gb(capacities[i])} "
+           f"(its free memory or memory cap) and keeps {_gb(reserve + 0.1 * capacities[i])} of that for "
+           f"activations and workspace")
+    if total is not None:
+        msg += f" (the whole model: {_gb(total)} over {len(capacities)} devices with {_gb(sum(capacities))})"
+    return msg + ". Add a GPU, use an fp8 weight dtype (half the bytes), raise the memory cap, or a lower resolution"

@@ -66,6 +66,7 @@ class Worker:
             if msg["op"] == "interrupt":
                 self.interrupt_job = msg.get("job")
             else:
+                msg["_received"] = time.monotonic()
                 self.inbox.put((msg, tensors))
 
     def send(self, msg, tensors=None):
@@ -161,6 +162,14 @@ class Worker:
             placed.to(self.device)
         return placed, loaded, load_s
 
+    def _held(self, job) -> dict:
+        """{placement key: weight patches id} of the stages this worker holds once the job's
+        residency is applied: the host sends a stage's patch tensors only when they change."""
+        held = {k: getattr(placed, "patches_id", "") for k, (placed, _) in self.placed.items()}
+        if job.get("residency", "keep") == "release":
+            held.pop(placement_key(job), None)
+        return held
+
     def _placed_bytes(self) -> int:
         """Bytes of the stages this worker holds now (for the memory cap on a CPU worker)."""
         total = 0
@@ -188,14 +197,19 @@ class Worker:
             import_comfy(self.device)
         ctx = PPContext.for_layout(job["layout"]["pp"], job["layout"]["cfg"], self.device)
         ctx.p2p.watch = self.activity.waiting if ctx.p2p is not None else None
-        self.memory_cap = int(job.get("memory_cap") or 0)
+        caps = job.get("memory_caps") or []
+        self.memory_cap = int(caps[self.rank]) if self.rank < len(caps) else 0
         apply_memory_cap(self.device, self.memory_cap, self._placed_bytes())
         if self.device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(self.device)  # 'peak' in the done message: this job's
+        t_start = time.monotonic()
         placed, loaded, load_s = self._place(job, ctx)
         run = self.run_comfy if job["kind"] == "comfy_sample" else self.run_denoise
+        # Where a job's time goes on this rank (monotonic clock, shared by the processes of
+        # one machine): received, started, placed; the runner adds its first pass and end.
+        phases = {"received": msg.get("_received"), "started": t_start, "placed": time.monotonic()}
         with torch.inference_mode():
-            run(msg, tensors, ctx, placed, {"loaded": loaded, "load_seconds": load_s})
+            run(msg, tensors, ctx, placed, {"loaded": loaded, "load_seconds": load_s, "phases": phases})
         self._after(job)
 
     def run_comfy(self, msg, tensors, ctx, stage, info):
@@ -222,7 +236,8 @@ class Worker:
                 interrupted = True
         else:
             runner.serve()
-        done = {"op": "done", "job": job_id, "interrupted": interrupted, **info,
+        info["phases"].update(first_pass=runner.first_pass, end=time.monotonic())
+        done = {"op": "done", "job": job_id, "interrupted": interrupted, **info, "held": self._held(job),
                 "seconds": time.perf_counter() - t_start, "spans": runner.timeline.take(wait=True),
                 "stage": list(stage.range), "pp_rank": topo.pp_rank, "cfg_rank": topo.cfg_rank,
                 "passes": runner.passes, "patched": patched, "comfy": comfy_runtime(),
@@ -287,7 +302,7 @@ def mem_info(device: torch.device) -> dict:
     set (and its peak) against the machine's RAM."""
     if device.type == "cuda":
         free, total = torch.cuda.mem_get_info(device)
-        return {"kind": "cuda", "used": total - free, "total": total,
+        return {"kind": "cuda", "used": total - free, "total": total, "reserved": torch.cuda.memory_reserved(device),
                 "allocated": torch.cuda.memory_allocated(device), "peak": torch.cuda.max_memory_allocated(device)}
     out = {"kind": "cpu", "used": None, "total": None, "peak": None}
     try:

@@ -147,6 +147,16 @@ def test_lora_on_the_workers_and_repatch_without_reload(setup):
         assert not any(r["loaded"] for r in ranks) and all(r["bytes_read"] == 0 for r in ranks)
         assert all(r["patched"] for r in ranks)  # each change re-patched (or restored) every stage
     assert (results[0] - results[2]).abs().max() > 1e-3  # the LoRA changed the result
+    # The same LoRA again: every worker holds it, so its tensors are not sent again.
+    m = comfy.sd.load_lora_for_models(model, None, lora, 0.8, 0)[0]
+    sent = []
+    for _ in range(2):
+        diff, _, _ = _compare((m, pos, neg, group), EMPTY, "euler", "simple")
+        sent.append(group.last_run["host_phases"]["sent_bytes"])
+        assert diff <= TOL
+    lora_bytes = sum(v.numel() * v.element_size() for v in lora.values())
+    print(f"job bytes sent: {sent[0]} with the LoRA's tensors, {sent[1]} once the workers hold them")
+    assert sent[0] - sent[1] >= 0.9 * lora_bytes
 
 
 # ------------------------------------------------------------------- Qwen-Image

@@ -54,7 +54,7 @@ def _slow_wan(srv) -> str:
     return link.name
 
 
-def wan_graph(unet: str, steps: int, seed: int, devices="cpu,cpu", frames=17, size=320, cap_gb=0.0,
+def wan_graph(unet: str, steps: int, seed: int, devices="cpu,cpu", frames=17, size=320, cap_gb="",
               split="balanced", manual="", tag="fault") -> dict:
     g = {"1": {"class_type": "PPLoadDiffusionModel", "inputs": {"unet_name": unet, "weight_dtype": "default"}},
          "2": {"class_type": "PPTestConditioning", "inputs": {"seed": 1, "length": 8, "dim": 4096,
@@ -167,14 +167,14 @@ def test_out_of_memory_on_one_worker_then_another_split_works(srv):
     unet = _slow_wan(srv)  # ~145 MB fp32, 8 blocks
     srv.post("/pp/shutdown", {}, timeout=60)  # a fresh group for the cap
     # 8 blocks of 17 MB and 10 MB of shared weights; a cap of 0.1 GiB (107 MB) per worker
-    res = srv.run(wan_graph(unet, 1, 6, frames=1, size=64, cap_gb=0.1, split="manual", manual="7,1", tag="oom"),
+    res = srv.run(wan_graph(unet, 1, 6, frames=1, size=64, cap_gb="0.1", split="manual", manual="7,1", tag="oom"),
                   timeout=WAN_T)
     text = res.error_text()
     print(f"[oom] {res.status}: {text[:600]}")
     assert res.status == "error", res.describe()
     assert "rank 0" in text and "out of memory while placing its stage, blocks 0-6" in text, text
     assert "free" in text and "memory cap" in text and "split" in text and "fp8" in text, text
-    ok = srv.run(wan_graph(unet, 1, 6, frames=1, size=64, cap_gb=0.1, split="manual", manual="4,4",
+    ok = srv.run(wan_graph(unet, 1, 6, frames=1, size=64, cap_gb="0.1", split="manual", manual="4,4",
                            tag="after_oom"), timeout=WAN_T)
     assert ok.status == "success", ok.describe()
 
@@ -230,3 +230,22 @@ def test_file_replaced_under_the_same_name_is_read_again(srv):
     print(f"[replaced] |A-B| {(a - b).abs().max().item():.2e}, |B-stock(B)| {(b - s).abs().max().item():.2e}")
     assert (a - b).abs().max() > 1e-2 and (b - s).abs().max() <= 1e-4
     assert all(r.get("loaded") for r in _group(srv)["ranks"]), "some rank kept the old file's stage"
+
+
+def test_by_memory_split_fits_declared_capacities(srv):
+    """Mixed 'cards' (memory caps of 0.3 and 0.15 GiB on two CPU workers): by_memory puts
+    about twice the weights on the larger one and the prompt runs; caps too small for the
+    model are refused with the numbers before any worker places anything."""
+    unet = _slow_wan(srv)  # 8 blocks of 17 MB + 10 MB shared (fp32)
+    srv.post("/pp/shutdown", {}, timeout=60)
+    ok = srv.run(wan_graph(unet, 1, 10, frames=1, size=64, cap_gb="0.3,0.15", split="by_memory", tag="fit"),
+                 timeout=WAN_T)
+    assert ok.status == "success", ok.describe()
+    split = _group(srv).get("split")
+    print(f"[fit] caps 0.3 + 0.15 GiB: split {split}")
+    assert split == [6, 2], split
+    res = srv.run(wan_graph(unet, 1, 10, frames=1, size=64, cap_gb="0.05", split="by_memory", tag="nofit"),
+                  timeout=WAN_T)
+    text = res.error_text()
+    print(f"[no fit] {text[:400]}")
+    assert res.status == "error" and "does not fit" in text and "GiB" in text and "Add a GPU" in text, text

@@ -73,3 +73,17 @@ def test_plan_as_data():
     assert [mb.label for mb in batched.micro_batches] == ["cond+uncond[0:2]", "cond+uncond[2:4]"]
     b4 = make_plan(2, batch=4, branches=("cond", "uncond"))
     assert b4.num_micro_batches == 8 and round(b4.ideal_speedup, 2) == 1.78
+
+
+def test_by_memory_fills_mixed_cards_in_proportion():
+    """A 32 GB and a 24 GB card: the weights go 4:3 (after the activation reserve and the
+    shared weights each holds); a model that cannot fit is refused with the numbers."""
+    from pp_runtime.split import SplitError, split_blocks
+    gib = 2**30
+    sp = split_blocks("by_memory", 56, 2, block_bytes=[gib // 2] * 56, shared_bytes=gib // 2,
+                      capacities=[32 * gib, 24 * gib], reserve=gib)
+    print(sp.counts)
+    assert sp.counts == (32, 24)
+    with pytest.raises(SplitError, match=r"does not fit: rank 0 \(cuda:0\) would hold .* GiB.*Add a GPU"):
+        split_blocks("by_memory", 56, 2, block_bytes=[gib] * 56, capacities=[24 * gib, 24 * gib], reserve=gib,
+                     devices=["cuda:0", "cuda:1"])
