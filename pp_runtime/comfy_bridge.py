@@ -376,7 +376,8 @@ def weights_fingerprint(diffusion_model) -> str:
         h.update(f"{k}:{tuple(v.shape)}:{v.dtype};".encode())
         if v.numel() and not v.is_meta:
             flat = v.detach().reshape(-1)
-            idx = torch.linspace(0, flat.numel() - 1, min(16, flat.numel())).long().to(flat.device)
+            k = min(16, flat.numel())
+            idx = (torch.arange(k, dtype=torch.int64) * (flat.numel() - 1) // max(k - 1, 1)).to(flat.device)
             h.update(flat[idx].to("cpu").contiguous().view(torch.uint8).numpy().tobytes())
     return h.hexdigest()[:24]
 

@@ -458,17 +458,28 @@ def _pass_from_args(runner, signature_of, real, args, kwargs):
     """Call ``runner.run_pass`` with a forward's arguments, named as ``signature_of`` names them
     (the first two are the input and the timestep, whatever a family calls them)."""
     import inspect
-    bound = inspect.signature(signature_of).bind(real, *args, **kwargs)
+    signature = inspect.signature(signature_of)
+    bound = signature.bind(real, *args, **kwargs)
     params = list(bound.arguments.items())[1:]  # without self
     named = {}
     for name, value in params[2:]:
-        kind = inspect.signature(signature_of).parameters[name].kind
-        if kind is inspect.Parameter.VAR_KEYWORD:
+        param = signature.parameters[name]
+        if param.kind is inspect.Parameter.VAR_KEYWORD:
             named.update(value)
-        elif kind is not inspect.Parameter.VAR_POSITIONAL:
-            named[name] = value
+        elif param.kind is not inspect.Parameter.VAR_POSITIONAL and not (
+                param.default is not inspect.Parameter.empty and _same(value, param.default)):
+            named[name] = value  # a default passed on by the model's own forward is left to the stages
     x, timestep = params[0][1], params[1][1]
     return runner.run_pass(x, timestep, **named)
+
+
+def _same(value, default) -> bool:
+    if torch.is_tensor(value) or torch.is_tensor(default):
+        return value is default
+    try:
+        return bool(value == default)
+    except Exception:
+        return False
 
 
 class _PassAsModel:

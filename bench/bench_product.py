@@ -1,0 +1,434 @@
+"""The product benchmark: PP KSampler's own code path against the stock KSampler on one GPU.
+
+What a user would pick between, in one run on one machine, same model file and inputs:
+
+* **stock**: ComfyUI's stock loader (``comfy.sd.load_diffusion_model``) and the stock
+  KSampler's sampling (``comfy.sample.sample`` with ComfyUI's model management, its
+  preview callback), in this process on the first GPU;
+* **PP**: the functions the nodes call: PP Load Diffusion Model (``load_on_disk``) and
+  PP KSampler (``pp_nodes.pp_sample``) on the pack's worker group.
+
+Per variant: end-to-end time per prompt (warm: the model placed), the steady step (median
+interval between step callbacks), the per-prompt overhead (wall - steps x steady), the
+time to the first step, peak GPU memory (stock: this process; PP: every worker), the
+relative L2 of the final latent against stock; for PP where the time of a prompt goes
+(host dispatch, worker receive, first pass, end) and whether ComfyUI's model management
+logged "memory leak" in a worker.  Extras on request: the same PP variants run by an
+older tree of the pack (``--legacy-tree``, for the staging regression check), EasyCache
+on top of PP, the latency of Cancel within a step, a stage that does not fit its capped
+worker, and the consumer-card simulation (stock limited to 24 GB with ComfyUI's own
+reserve, PP2 with every worker capped at 24 GB and NCCL peer-to-peer off).
+
+    python bench/bench_product.py --devices cuda:0,cuda:1 --model flux --variants core,legacy
+    python bench/bench_product.py --devices cuda:0,cuda:1 --model wan14b --variants core,extras
+    python bench/bench_product.py --smoke            # tiny Wan on cpu,cpu (about a minute)
+
+Writes ``bench/results/<gpus>x<card>_product_<model>.json`` (``--out``) with
+``"baseline": "stock"``, ``ratios`` (stock time / PP time) and ``overhead_ms`` (PP's
+per-prompt overhead minus stock's, per variant).
+"""
+from __future__ import annotations
+
+import argparse
+import importlib
+import json
+import os
+import statistics
+import subprocess
+import sys
+import threading
+import time
+import types
+from pathlib import Path
+
+BENCH = Path(__file__).resolve().parent
+ROOT = BENCH.parent
+sys.path.insert(0, str(BENCH))
+
+MODELS = {
+    # name: (release in family_table, latent shape, context (tokens, width), extra conditioning, cfg, steps)
+    "flux": ("Flux.1 dev (12B)", (1, 16, 128, 128), (512, 4096), {"pooled_output": (1, 768), "guidance": 3.5},
+             3.5, 20),
+    "wan14b": ("Wan 2.1 t2v 14B", (1, 16, 9, 60, 104), (512, 4096), {}, 5.0, 8),
+}
+SMOKE = ("wan_smoke", (1, 16, 3, 16, 16), (16, 4096), {}, 5.0, 4)
+
+
+def log(*a):
+    print(*a, flush=True)
+
+
+# -- the pack and ComfyUI -------------------------------------------------------------------
+def import_pack(pack_root: Path):
+    """The pack's node module as ComfyUI imports it (a package), without its routes (which
+    need ComfyUI's server): ``pp_nodes`` and ``pp_runtime`` of ``pack_root``."""
+    pkg = types.ModuleType("pack")
+    pkg.__path__ = [str(pack_root)]
+    sys.modules["pack"] = pkg
+    nodes = types.ModuleType("pack.nodes")
+    nodes.__path__ = [str(pack_root / "nodes")]
+    sys.modules["pack.nodes"] = nodes
+    return importlib.import_module("pack.nodes.pp_nodes"), importlib.import_module("pack.pp_runtime.comfy_bridge")
+
+
+class StepClock:
+    """Wraps ComfyUI's preview callback (what both samplers call once per step) to time steps."""
+
+    def __init__(self):
+        import latent_preview
+        self.times: list[float] = []
+        original = latent_preview.prepare_callback
+
+        def prepare_callback(model, steps, *a, **k):
+            cb = original(model, steps, *a, **k)
+
+            def timed(step, x0, x, total):
+                self.times.append(time.perf_counter())
+                return cb(step, x0, x, total)
+            return timed
+        latent_preview.prepare_callback = prepare_callback
+
+
+def conditioning(spec, seed=0):
+    import torch
+    _, _, (tokens, width), extra, _, _ = spec
+    out = []
+    for branch in range(2):
+        g = torch.Generator().manual_seed(seed * 2 + branch)
+        opts = {k: (torch.randn(v, generator=g) if isinstance(v, tuple) else v) for k, v in extra.items()}
+        out.append([[torch.randn(1, tokens, width, generator=g), opts]])
+    return out
+
+
+def summarize(name, t0, t1, steps, clock_times, extra=None) -> dict:
+    times = [t for t in clock_times if t >= t0]
+    gaps = [b - a for a, b in zip(times, times[1:])]
+    steady = statistics.median(gaps) if gaps else (t1 - t0) / max(steps, 1)
+    out = {"wall_s": t1 - t0, "steps": steps, "steady_step_s": steady,
+           "overhead_s": (t1 - t0) - steps * steady, "first_step_s": (times[0] - t0) if times else None}
+    out.update(extra or {})
+    log(f"  {name:28s} wall {out['wall_s']:7.3f} s  step {steady * 1e3:8.1f} ms  overhead {out['overhead_s'] * 1e3:7.1f} ms"
+        f"  first step {(out['first_step_s'] or 0) * 1e3:7.1f} ms")
+    return out
+
+
+def rel_l2(a, b) -> float | None:
+    if a is None or b is None:
+        return None
+    return ((a.float() - b.float()).norm() / b.float().norm()).item()
+
+
+# -- the runs ----------------------------------------------------------------------------------
+def run_stock(model, spec, cfg, batch, steps, seed, clock, label):
+    """What the stock KSampler node does (nodes.common_ksampler), timed."""
+    import comfy.sample
+    import latent_preview
+    import torch
+    latent = torch.zeros((batch,) + tuple(spec[1][1:]))
+    pos, neg = conditioning(spec)
+    torch.cuda.synchronize() if torch.cuda.is_available() else None
+    if torch.cuda.is_available():
+        torch.cuda.reset_peak_memory_stats()
+    t0 = time.perf_counter()
+    latent = comfy.sample.fix_empty_latent_channels(model, latent)
+    noise = comfy.sample.prepare_noise(latent, seed)
+    callback = latent_preview.prepare_callback(model, steps)
+    out = comfy.sample.sample(model, noise, steps, cfg, "euler", "simple", pos, neg, latent, denoise=1.0,
+                              callback=callback, disable_pbar=True, seed=seed)
+    t1 = time.perf_counter()
+    peak = torch.cuda.max_memory_allocated() if torch.cuda.is_available() else None
+    return out, summarize(label, t0, t1, steps, clock.times, {"peak_bytes": peak})
+
+
+def run_pp(pp_nodes, model, group, spec, cfg, batch, steps, seed, clock, label, split="balanced", mode="sequential",
+           manual=""):
+    import torch
+    latent = {"samples": torch.zeros((batch,) + tuple(spec[1][1:]))}
+    pos, neg = conditioning(spec)
+    t0 = time.perf_counter()
+    out = pp_nodes.pp_sample(model, group, pos, neg, latent, seed=seed, steps=steps, cfg=cfg, sampler_name="euler",
+                             scheduler="simple", denoise=1.0, split={"strategy": split, "manual": manual},
+                             cfg_mode={"mode": mode, "cfg_normalize": False})[0]["samples"]
+    t1 = time.perf_counter()
+    from pack.pp_runtime.group import shared_group
+    g = shared_group(group["devices"])
+    last = g.last_run
+    ranks = last["ranks"]
+    host = last.get("host_phases") or {}
+    phases = {}
+    if host and all(r.get("phases") for r in ranks):  # where the prompt's time went (this tree's workers)
+        t_run = host["run"]
+        phases = {"host_dispatch_ms": (host["dispatched"] - t_run) * 1e3,
+                  "worker_received_ms": [((r["phases"]["received"] or t_run) - t_run) * 1e3 for r in ranks],
+                  "worker_placed_ms": [(r["phases"]["placed"] - t_run) * 1e3 for r in ranks],
+                  "first_pass_ms": [((r["phases"]["first_pass"] or t_run) - t_run) * 1e3 for r in ranks],
+                  "host_first_step_ms": ((host.get("first_step") or t_run) - t_run) * 1e3,
+                  "host_done_after_last_step_ms": (host["done"] - (host.get("last_step") or host["done"])) * 1e3,
+                  "sent_bytes": host.get("sent_bytes")}
+    return out, summarize(label, t0, t1, steps, clock.times, {
+        "split": last.get("split"), "layout": last.get("layout"), "phases": phases,
+        "peak_bytes_per_rank": [(r.get("mem") or {}).get("peak") for r in ranks],
+        "loaded": [r.get("loaded") for r in ranks]})
+
+
+def worker_log_leaks(group) -> int:
+    n = 0
+    for p in getattr(group, "logs", []):
+        try:
+            n += Path(p).read_text(errors="replace").count("memory leak")
+        except OSError:
+            pass
+    return n
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--devices", default="cuda:0,cuda:1")
+    ap.add_argument("--model", choices=list(MODELS), default="flux")
+    ap.add_argument("--variants", default="core", help="core, legacy, extras, consumer (comma-separated)")
+    ap.add_argument("--steps", type=int, default=None)
+    ap.add_argument("--repeat", type=int, default=1, help="timed prompts per variant (after one warm-up)")
+    ap.add_argument("--pack-root", default=str(ROOT), help="the pack to measure (--legacy-tree: an older one)")
+    ap.add_argument("--legacy-tree", default=None, help="an older tree of the pack: also time its PP variants")
+    ap.add_argument("--only-pp", action="store_true", help="(internal) PP variants only: the legacy run")
+    ap.add_argument("--model-dir", default=os.environ.get("PP_BENCH_MODELS", "/tmp/pp-bench-models"))
+    ap.add_argument("--smoke", action="store_true")
+    ap.add_argument("--out", default=None)
+    args = ap.parse_args(argv)
+
+    comfy_root = os.environ.get("COMFYUI_ROOT") or str(ROOT / ".comfy")
+    sys.path.insert(0, comfy_root)
+    smoke = args.smoke
+    from comfy.cli_args import args as comfy_args
+    comfy_args.cpu = smoke
+    import torch
+    import comfy.model_management as mm
+    import comfy.sd
+    import model_files
+
+    spec = SMOKE if smoke else MODELS[args.model]
+    steps = args.steps or spec[5]
+    cfg_scale = spec[4]
+    devices = "cpu,cpu" if smoke else args.devices
+    world = len(devices.split(","))
+    pp_nodes, cb = import_pack(Path(args.pack_root))
+    clock = StepClock()
+
+    # -- the model file (released size, random bf16 weights) --------------------------------
+    os.makedirs(args.model_dir, exist_ok=True)
+    path = os.path.join(args.model_dir, f"{'smoke' if smoke else args.model}.safetensors")
+    if not os.path.exists(path):
+        t = time.perf_counter()
+        if smoke:
+            sys.path.insert(0, str(ROOT / "tests"))
+            import family_zoo
+            family_zoo.write_file(family_zoo.BY_NAME["wan21_t2v"], path, dtype=torch.bfloat16)
+        else:
+            _, dm = model_files.release_model(spec[0])
+            model_files.write(dm, path)
+        log(f"wrote {path}: {os.path.getsize(path) / 2**30:.1f} GiB in {time.perf_counter() - t:.0f} s")
+    card = torch.cuda.get_device_name(0) if torch.cuda.is_available() and not smoke else "cpu"
+    result = {"baseline": "stock", "card": card, "gpus": world, "devices": devices, "torch": torch.__version__,
+              "cuda": torch.version.cuda, "date": time.strftime("%Y-%m-%d"), "pack": args.pack_root,
+              "model": {"name": spec[0], "file_gib": os.path.getsize(path) / 2**30, "latent": spec[1],
+                        "context": spec[2], "cfg": cfg_scale, "steps": steps, "sampler": "euler/simple"},
+              "variants": {}, "ratios": {}, "overhead_ms": {}, "rel_l2": {}, "extras": {}}
+    V = result["variants"]
+    wanted = set(args.variants.split(","))
+    key = "flux" if args.model == "flux" else "wan14b"
+    seed = 3
+
+    def timed(fn, label, *a, **k):
+        fn(*a, **{**k, "steps": 2, "label": label + " (warm-up)"})  # placed / loaded, kernels warm
+        out = None
+        runs = []
+        for _ in range(args.repeat):
+            out, s = fn(*a, **k, label=label)
+            runs.append(s)
+        best = min(runs, key=lambda r: r["wall_s"])
+        V[label] = best
+        return out
+
+    # -- stock -----------------------------------------------------------------------------
+    stock = {}
+    if not args.only_pp and "core" in wanted:
+        log("stock KSampler (ComfyUI's loader and sampling, this process, first GPU):")
+        model = comfy.sd.load_diffusion_model(path)
+        for label, c, b in (("stock_cfg1", 1.0, 1), ("stock_cfg", cfg_scale, 1), ("stock_b2_cfg", cfg_scale, 2)):
+            stock[label] = timed(lambda **k: run_stock(model, spec, k["cfg"], k["batch"], k["steps"], seed, clock,
+                                                       k["label"]), label, cfg=c, batch=b, steps=steps)
+        mm.unload_all_models()
+        del model
+        mm.soft_empty_cache()
+
+    # -- PP KSampler --------------------------------------------------------------------------
+    pp = {}
+    if "core" in wanted or args.only_pp:
+        log(f"PP KSampler ({args.pack_root}) on {devices}:")
+        model_pp = cb.load_on_disk(path)
+        group = {"devices": devices.split(","), "backend": "local", "residency": "keep", "memory_cap_gb": ""}
+        plan = [("pp2_cfg1", 1.0, 1, "balanced", "sequential"), ("pp2_seqcfg", cfg_scale, 1, "balanced", "sequential"),
+                ("cfgpar2", cfg_scale, 1, "balanced", "cfg_parallel"), ("pp2_b2_seqcfg", cfg_scale, 2, "balanced",
+                                                                        "sequential"),
+                ("pp2_seqcfg_by_memory", cfg_scale, 1, "by_memory", "sequential")]
+        if args.only_pp:
+            plan = plan[:2]
+        for label, c, b, split, mode in plan:
+            pp[label] = timed(lambda **k: run_pp(pp_nodes, model_pp, group, spec, k["cfg"], k["batch"], k["steps"], seed,
+                                                 clock, k["label"], split=k["split"], mode=k["mode"]),
+                              label, cfg=c, batch=b, split=split, mode=mode, steps=steps)
+        from pack.pp_runtime.group import shared_group
+        result["extras"]["worker_log_memory_leak_lines"] = worker_log_leaks(shared_group(group["devices"]))
+
+    # -- ratios ------------------------------------------------------------------------------
+    pairs = {f"{key}_pp2_cfg1": ("stock_cfg1", "pp2_cfg1"), f"{key}_pp2_seqcfg": ("stock_cfg", "pp2_seqcfg"),
+             f"{key}_cfgpar2": ("stock_cfg", "cfgpar2"), f"{key}_pp2_b2_seqcfg": ("stock_b2_cfg", "pp2_b2_seqcfg")}
+    for name, (s, p) in pairs.items():
+        if s in V and p in V:
+            result["ratios"][name] = V[s]["wall_s"] / V[p]["wall_s"]
+            result["ratios"][name + "_steady"] = V[s]["steady_step_s"] / V[p]["steady_step_s"]
+            result["overhead_ms"][p] = (V[p]["overhead_s"] - V[s]["overhead_s"]) * 1e3
+            result["rel_l2"][p] = rel_l2(pp.get(p), stock.get(s))
+    if "pp2_seqcfg_by_memory" in V and "stock_cfg" in V and V["stock_cfg"].get("peak_bytes"):
+        peaks = [x for x in V["pp2_seqcfg_by_memory"]["peak_bytes_per_rank"] if x]
+        if peaks:
+            result["ratios"][f"mem_{key}_pp2_by_memory"] = max(peaks) / V["stock_cfg"]["peak_bytes"]
+
+    # -- the same PP variants with an older tree of the pack (staging regression check) --------
+    if args.legacy_tree and "legacy" in wanted:
+        from pack.pp_runtime.group import shutdown_all
+        shutdown_all()
+        out = os.path.join(args.model_dir, "legacy.json")
+        cmd = [sys.executable, str(BENCH / "bench_product.py"), "--devices", devices, "--model", args.model,
+               "--pack-root", args.legacy_tree, "--only-pp", "--out", out, "--model-dir", args.model_dir,
+               "--repeat", str(args.repeat)] + (["--steps", str(args.steps)] if args.steps else []) + \
+              (["--smoke"] if smoke else [])
+        log("legacy tree:", " ".join(cmd))
+        subprocess.run(cmd, check=True)
+        legacy = json.load(open(out))["variants"]
+        cmp = {}
+        for label in ("pp2_cfg1", "pp2_seqcfg"):
+            if label in legacy and label in V:
+                cmp[label] = {"steady_step_ms_now": V[label]["steady_step_s"] * 1e3,
+                              "steady_step_ms_legacy": legacy[label]["steady_step_s"] * 1e3,
+                              "step_time_change": V[label]["steady_step_s"] / legacy[label]["steady_step_s"] - 1,
+                              "wall_s_now": V[label]["wall_s"], "wall_s_legacy": legacy[label]["wall_s"]}
+        result["extras"]["legacy"] = cmp
+        log("staging vs legacy adapters:", json.dumps(cmp, indent=1))
+
+    if "extras" in wanted:
+        extras(result, pp_nodes, cb, path, spec, devices, cfg_scale, clock, seed, smoke)
+    if "consumer" in wanted:
+        consumer(result, pp_nodes, cb, path, spec, devices, cfg_scale, steps, clock, seed, smoke)
+
+    out = args.out or str(BENCH / "results" / f"{world}x{card.replace('NVIDIA ', '').replace(' ', '')}"
+                          f"_product_{'smoke' if smoke else args.model}.json")
+    os.makedirs(os.path.dirname(out), exist_ok=True)
+    with open(out, "w") as f:
+        json.dump(result, f, indent=1, default=str)
+    log("ratios (stock time / PP time):", json.dumps(result["ratios"], indent=1))
+    log("overhead_ms (PP's per-prompt overhead minus stock's):", json.dumps(result["overhead_ms"], indent=1))
+    log("rel_l2 vs stock:", json.dumps(result["rel_l2"]))
+    log(f"wrote {out}")
+    from pack.pp_runtime.group import shutdown_all
+    shutdown_all()
+
+
+# -- extras: EasyCache on PP, Cancel within a step, a stage that does not fit -------------------
+def extras(result, pp_nodes, cb, path, spec, devices, cfg_scale, clock, seed, smoke):
+    import comfy.model_management as mm
+    import torch
+    from comfy_extras.nodes_easycache import EasyCacheNode
+    E = result["extras"]
+    group = {"devices": devices.split(","), "backend": "local", "residency": "keep", "memory_cap_gb": ""}
+    model_pp = cb.load_on_disk(path)
+    steps = 20 if not smoke else 8
+    log("EasyCache on top of PP (reuse_threshold 0.2, 0.15-0.95):")
+    cached = EasyCacheNode.execute(model_pp, 0.2, 0.15, 0.95, False).result[0]
+    runs = {}
+    for label, m in (("pp2_seqcfg_20steps", model_pp), ("pp2_seqcfg_easycache", cached)):
+        run_pp(pp_nodes, m, group, spec, cfg_scale, 1, 2, seed, clock, label + " (warm-up)")
+        _, runs[label] = run_pp(pp_nodes, m, group, spec, cfg_scale, 1, steps, seed, clock, label)
+    from pack.pp_runtime.group import shared_group
+    passes = shared_group(group["devices"]).last_run["ranks"][-1].get("passes")
+    E["easycache"] = {"speedup_on_pp": runs["pp2_seqcfg_20steps"]["wall_s"] / runs["pp2_seqcfg_easycache"]["wall_s"],
+                      "passes_with_cache": passes, "passes_without": 2 * steps, **runs}
+
+    log("Cancel within a step:")
+    mm.interrupt_current_processing(False)
+    step = runs["pp2_seqcfg_20steps"]["steady_step_s"]
+    state = {}
+
+    def press():
+        while len(clock.times) < state["n0"] + 2:
+            time.sleep(0.001)
+        time.sleep(0.5 * step)  # the middle of the third step
+        state["t"] = time.perf_counter()
+        mm.interrupt_current_processing(True)
+    state["n0"] = len(clock.times)
+    threading.Thread(target=press, daemon=True).start()
+    try:
+        run_pp(pp_nodes, model_pp, group, spec, cfg_scale, 1, 200, seed, clock, "cancel")
+        E["cancel"] = {"error": "the run was not interrupted"}
+    except mm.InterruptProcessingException:
+        lag = time.perf_counter() - state["t"]
+        E["cancel"] = {"step_s": step, "cancel_to_return_s": lag, "fraction_of_step": lag / step}
+        log(f"  Cancel mid-step: returned {lag * 1e3:.0f} ms later (a step is {step * 1e3:.0f} ms)")
+    mm.interrupt_current_processing(False)
+
+    log("A stage that does not fit its capped worker:")
+    n = cb.model_profile(model_pp.model.diffusion_model)["num_blocks"]
+    from pack.pp_runtime.group import shutdown_all
+    shutdown_all()
+    capped = dict(group, memory_cap_gb="6" if not smoke else "0.01")
+    try:
+        run_pp(pp_nodes, model_pp, capped, spec, cfg_scale, 1, 2, seed, clock, "oom", split="manual",
+               manual=f"{n - 1},1")
+        E["oom"] = {"error": "it fitted"}
+    except Exception as e:
+        E["oom"] = {"message": str(e)}
+        log("  " + str(e)[:600])
+    shutdown_all()
+    torch.cuda.empty_cache() if torch.cuda.is_available() else None
+
+
+# -- consumer cards: 24 GB each, PCIe without peer-to-peer -----------------------------------------
+def consumer(result, pp_nodes, cb, path, spec, devices, cfg_scale, steps, clock, seed, smoke):
+    import comfy.model_management as mm
+    import comfy.sd
+    import torch
+    from pack.pp_runtime.group import shutdown_all
+    C = result["extras"]["consumer_24gb"] = {}
+    cap_gb = 24 if not smoke else 0.5
+    log(f"consumer cards: stock limited to {cap_gb} GB (ComfyUI's own reserve), PP2 capped at {cap_gb} GB, "
+        f"NCCL_P2P_DISABLE=1")
+    reserved = mm.EXTRA_RESERVED_VRAM
+    if torch.cuda.is_available():
+        total = torch.cuda.get_device_properties(0).total_memory
+        mm.EXTRA_RESERVED_VRAM = total - int(cap_gb * 2**30)  # what --reserve-vram does
+    model = comfy.sd.load_diffusion_model(path)
+    for label, c in (("stock24_cfg", cfg_scale), ("stock24_cfg1", 1.0)):
+        run_stock(model, spec, c, 1, 2, seed, clock, label + " (warm-up)")
+        _, C[label] = run_stock(model, spec, c, 1, steps, seed, clock, label)
+    mm.unload_all_models()
+    del model
+    mm.EXTRA_RESERVED_VRAM = reserved
+    shutdown_all()
+    os.environ["NCCL_P2P_DISABLE"] = "1"
+    group = {"devices": devices.split(","), "backend": "local", "residency": "keep", "memory_cap_gb": str(cap_gb)}
+    model_pp = cb.load_on_disk(path)
+    for label, c in (("pp2_24_seqcfg", cfg_scale), ("pp2_24_cfg1", 1.0)):
+        run_pp(pp_nodes, model_pp, group, spec, c, 1, 2, seed, clock, label + " (warm-up)", split="by_memory")
+        _, C[label] = run_pp(pp_nodes, model_pp, group, spec, c, 1, steps, seed, clock, label, split="by_memory")
+    del os.environ["NCCL_P2P_DISABLE"]
+    shutdown_all()
+    C["ratio_seqcfg"] = C["stock24_cfg"]["wall_s"] / C["pp2_24_seqcfg"]["wall_s"]
+    C["ratio_cfg1"] = C["stock24_cfg1"]["wall_s"] / C["pp2_24_cfg1"]["wall_s"]
+    C["not_simulated"] = ("the lent GPUs' own link (NVLink, or PCIe 5) and compute: a consumer card's PCIe 4 x16 "
+                          "(about 25 GB/s) makes the stock run's offloading slower, and its slower compute makes "
+                          "every step longer for both; peer-to-peer off routes PP's activations through host "
+                          "memory, as on such cards")
+
+
+if __name__ == "__main__":
+    main()
