@@ -89,15 +89,25 @@ class StepClock:
         latent_preview.prepare_callback = prepare_callback
 
 
+_CONDITIONING = {}
+
+
 def conditioning(spec, seed=0):
+    """Random text-encoder outputs, made once and handed to every prompt: ComfyUI caches its
+    nodes' outputs, so a prompt whose text did not change (a new seed, a new sampler) gets
+    the same conditioning objects, made in inference mode as its nodes make them."""
     import torch
-    _, _, (tokens, width), extra, _, _ = spec
-    out = []
-    for branch in range(2):
-        g = torch.Generator().manual_seed(seed * 2 + branch)
-        opts = {k: (torch.randn(v, generator=g) if isinstance(v, tuple) else v) for k, v in extra.items()}
-        out.append([[torch.randn(1, tokens, width, generator=g), opts]])
-    return out
+    key = (spec[0], seed)
+    if key not in _CONDITIONING:
+        _, _, (tokens, width), extra, _, _ = spec
+        out = []
+        with torch.inference_mode():
+            for branch in range(2):
+                g = torch.Generator().manual_seed(seed * 2 + branch)
+                opts = {k: (torch.randn(v, generator=g) if isinstance(v, tuple) else v) for k, v in extra.items()}
+                out.append([[torch.randn(1, tokens, width, generator=g), opts]])
+        _CONDITIONING[key] = out
+    return _CONDITIONING[key]
 
 
 def summarize(name, t0, t1, steps, clock_times, extra=None) -> dict:

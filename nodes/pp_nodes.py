@@ -244,6 +244,16 @@ class PPKSamplerAdvanced(PPKSampler):
                          last_step=end_at_step, force_full_denoise=return_with_leftover_noise != "enable")
 
 
+def previews_on() -> bool:
+    """Whether ComfyUI shows live previews for this prompt (its --preview-method, which a
+    prompt may override)."""
+    try:
+        from comfy.cli_args import LatentPreviewMethod, args
+        return args.preview_method != LatentPreviewMethod.NoPreviews
+    except (ImportError, AttributeError):  # a ComfyUI that names it differently: send them
+        return True
+
+
 def pp_sample(model, group, positive, negative, latent_image, **kw):
     """What both PP samplers do: validate and describe the job, run it on the group with
     ComfyUI's progress bar, preview and interrupt, return the LATENT."""
@@ -267,6 +277,7 @@ def pp_sample(model, group, positive, negative, latent_image, **kw):
         raise ValueError(str(e)) from None
     job["residency"] = group.get("residency", "keep")
     job["memory_caps"] = caps
+    job["stream_x0"] = previews_on()  # without a previewer the stock sampler's x0 goes nowhere: not sent
     preview = latent_preview.prepare_callback(model, kw["steps"])
 
     def on_step(i, n, x0):

@@ -116,6 +116,7 @@ def prepare_comfy_job(world: int, model, positive, negative, latent: dict, *, se
         "latent": {"batch_index": latent.get("batch_index")},
         "family": profile["family"],
         "tensors_to": "last",  # conditioning, latent, model sampling: the sampler runs on the last stage
+        "reuse_prefixes": ["positive.", "negative."],  # unchanged conditioning is not sent again
         # Weight patches (LoRA): JSON for all, tensors per stage; the id tells a worker
         # whether the patches it applied last time are still the right ones.
         "patches": patches, "patches_id": f"{getattr(model, 'patches_uuid', '')}" if patches else "",

@@ -38,6 +38,8 @@ import time
 from multiprocessing.connection import Listener
 from pathlib import Path
 
+import torch
+
 from . import wire
 from .environment import ENV_FLAGS, check_platform, comfy_flags, loopback_interface, visible_device
 from .health import Watchdog
@@ -147,6 +149,7 @@ class WorkerGroup:
         self._ids = itertools.count(1)
         self._lock = threading.Lock()
         self.held: list[dict] = []  # per rank, {placement key: patches id} after its last job
+        self._kept: list[dict] = []  # per rank, {tensor name: (tensor, version)} it keeps from its last job
 
     # -- lifecycle -----------------------------------------------------------------
     def start(self) -> "WorkerGroup":
@@ -154,7 +157,7 @@ class WorkerGroup:
             return self
         self.state, self.failure = "starting", None
         self._inbox = queue.Queue()  # a new group never sees a message of the old one
-        self.held = []
+        self.held, self._kept = [], []
         try:
             self._launch()
         except BaseException:
@@ -364,23 +367,40 @@ class WorkerGroup:
         """Send a job: the shared tensors only to the ranks that use them (the job's
         ``tensors_to``: every rank, the first or the last stage of each pipeline), each
         distinct payload encoded once; ``rank_tensors(r)`` adds what only rank r needs.
-        Returns the bytes sent."""
-        to = msg["job_spec"].get("tensors_to", "all")
-        layout = msg["job_spec"].get("layout")
+
+        Tensors named with one of the job's ``reuse_prefixes`` (conditioning: ComfyUI hands
+        the same objects to every prompt whose text did not change) are not sent again to a
+        rank that got the same tensor object, unmodified, with its previous job: the message
+        names them under ``reuse`` and the worker takes the ones it kept.  Returns the bytes sent."""
+        spec = msg["job_spec"]
+        to = spec.get("tensors_to", "all")
+        layout = spec.get("layout")
+        prefixes = tuple(spec.get("reuse_prefixes") or ())
         topo = Topology.build(self.world, pp=layout["pp"], cfg=layout["cfg"]) if layout else None
-        encoded: dict[bool, bytes] = {}
+        if len(self._kept) != self.world:
+            self._kept = [{} for _ in range(self.world)]
+        encoded: dict[tuple, bytes] = {}
         sent = 0
         for r in range(self.world):
             pp_rank = topo.coords_of(r)["pp"] if topo else 0
             wants = (to == "all" or (to == "first" and pp_rank == 0)
                      or (to == "last" and topo is not None and pp_rank == topo.pp_size - 1))
+            shared = dict(tensors) if wants else {}
+            kept = self._kept[r]
+            stamps = {k: _stamp(v) for k, v in shared.items() if prefixes and k.startswith(prefixes)}
+            reuse = sorted(k for k in stamps if k in kept and kept[k][0] is shared[k] and kept[k][1] == stamps[k])
+            self._kept[r] = {k: (shared[k], stamps[k]) for k in stamps}
+            for k in reuse:
+                del shared[k]
             extra = rank_tensors(r) if rank_tensors is not None else {}
+            out = {**msg, "reuse": reuse} if reuse else msg
             if extra:
-                data = wire.encode(msg, {**(tensors if wants else {}), **extra})
+                data = wire.encode(out, {**shared, **extra})
             else:
-                if wants not in encoded:
-                    encoded[wants] = wire.encode(msg, tensors if wants else None)
-                data = encoded[wants]
+                key = (wants, tuple(reuse))
+                if key not in encoded:
+                    encoded[key] = wire.encode(out, shared)
+                data = encoded[key]
             self.conns[r].send_bytes(data)
             sent += len(data)
         return sent
@@ -548,6 +568,17 @@ def shared_group(devices, extra_paths=(), backend: str = "local", ray_address: s
 
 def shared_groups() -> list[WorkerGroup]:
     return list(_SHARED.values())
+
+
+def _stamp(t):
+    """What tells that a tensor kept by identity was not changed in place: its version
+    counter, or, for an inference tensor (ComfyUI runs its nodes in inference mode, where
+    tensors have none), the sum of its elements."""
+    try:
+        return ("version", t._version)
+    except RuntimeError:
+        return ("sum", torch.sum(t.detach(), dtype=torch.float64).item() if t.is_floating_point()
+                else int(t.detach().to(torch.int64).sum()))
 
 
 def shutdown_all() -> None:

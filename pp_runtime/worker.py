@@ -52,8 +52,10 @@ class Worker:
         self.handlers = {"run": self.run_job, "release": self.release}
         self._send_lock = threading.Lock()
         self._steps: queue.Queue = queue.Queue()
+        self._pinned: dict[tuple, list] = {}  # pinned host buffers for the step latents, by shape
         self.activity = Activity()
         self.memory_cap = 0
+        self.kept: dict[str, torch.Tensor] = {}  # the last job's reusable tensors (its conditioning)
         threading.Thread(target=self._stream, daemon=True).start()
         start_heartbeat(self.send, self.activity, lambda: self.current_job)
 
@@ -73,12 +75,18 @@ class Worker:
         with self._send_lock:  # the main thread and the step streamer both send
             wire.send(self.conn, {"rank": self.rank, **msg}, tensors)
 
-    def stream_step(self, msg: dict, latents: torch.Tensor) -> None:
-        """Send a step's latents to the host without stalling the device: a non-blocking
-        copy into pinned host memory, sent by the streamer thread once the copy is done.
-        (A plain ``.cpu()`` here would make every step wait for the GPU to drain.)"""
-        if latents.is_cuda:
-            host = torch.empty(latents.shape, dtype=latents.dtype, pin_memory=True)
+    def stream_step(self, msg: dict, latents: torch.Tensor | None) -> None:
+        """Send a step (and its latents, if any) to the host without stalling the device: a
+        non-blocking copy into pinned host memory (a buffer reused from step to step), sent
+        by the streamer thread once the copy is done.  (A plain ``.cpu()`` here would make
+        every step wait for the GPU to drain; a new pinned buffer per step costs a
+        cudaHostAlloc each time.)"""
+        if latents is None:
+            host, done = None, None
+        elif latents.is_cuda:
+            key = (tuple(latents.shape), latents.dtype)
+            free = self._pinned.setdefault(key, [])
+            host = free.pop() if free else torch.empty(latents.shape, dtype=latents.dtype, pin_memory=True)
             host.copy_(latents, non_blocking=True)
             done = torch.cuda.Event()
             done.record()
@@ -91,7 +99,9 @@ class Worker:
             msg, host, done = self._steps.get()
             if done is not None:
                 done.synchronize()
-            self.send(msg, {"latents": host})
+            self.send(msg, {"latents": host} if host is not None else None)
+            if done is not None:  # sent (copied into the message): the buffer may be reused
+                self._pinned[(tuple(host.shape), host.dtype)].append(host)
             self._steps.task_done()
 
     def serve(self):
@@ -179,6 +189,17 @@ class Worker:
                 total += sum(p.numel() * p.element_size() for p in model.parameters() if not p.is_meta)
         return total
 
+    def _with_kept(self, msg, tensors):
+        """The job's tensors with those the host did not send again (``reuse``: the same
+        objects as in the previous job) taken from what this worker kept."""
+        missing = [k for k in msg.get("reuse", []) if k not in self.kept]
+        if missing:
+            raise RuntimeError(f"the host reused tensors this worker does not have: {missing[:3]}")
+        tensors = {**{k: self.kept[k] for k in msg.get("reuse", [])}, **tensors}
+        prefixes = tuple(msg["job_spec"].get("reuse_prefixes") or ())
+        self.kept = {k: v for k, v in tensors.items() if k.startswith(prefixes)} if prefixes else {}
+        return tensors
+
     def _after(self, job):
         """Residency after a job: keep the stage placed, park it in host RAM, or release it."""
         policy = job.get("residency", "keep")
@@ -192,6 +213,7 @@ class Worker:
 
     def run_job(self, msg, tensors):
         job = msg["job_spec"]
+        tensors = self._with_kept(msg, tensors)
         if job["kind"] == "comfy_sample":
             self.activity.set("starting", detail="(importing ComfyUI's model code)")
             import_comfy(self.device)
@@ -225,7 +247,8 @@ class Worker:
 
         def on_step(i, total, x0):
             if topo.is_output_rank:
-                self.stream_step({"op": "step", "job": job_id, "step": i, "total": total}, x0)
+                self.stream_step({"op": "step", "job": job_id, "step": i, "total": total},
+                                 x0 if job.get("stream_x0", True) else None)
 
         result, interrupted = None, False
         if topo.is_last:

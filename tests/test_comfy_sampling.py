@@ -159,6 +159,46 @@ def test_lora_on_the_workers_and_repatch_without_reload(setup):
     assert sent[0] - sent[1] >= 0.9 * lora_bytes
 
 
+def test_unchanged_conditioning_is_not_sent_again(setup):
+    """ComfyUI hands the same conditioning objects to every prompt whose text did not change;
+    the workers keep them.  An in-place change (the objects ComfyUI makes in inference mode
+    have no version counter) is still seen: the result follows the new values."""
+    model, _, _, group = setup
+    g = torch.Generator().manual_seed(5)
+    with torch.inference_mode():  # as ComfyUI's text encoder nodes make them
+        pos = [[torch.randn(1, 6, 4096, generator=g), {}]]
+        neg = [[torch.randn(1, 6, 4096, generator=g), {}]]
+    cond_bytes = 2 * pos[0][0].numel() * 4
+    sent = []
+    for _ in range(2):
+        diff, _, _ = _compare((model, pos, neg, group), EMPTY, "euler", "simple")
+        sent.append(group.last_run["host_phases"]["sent_bytes"])
+        assert diff <= TOL
+    print(f"job bytes sent: {sent[0]}, then {sent[1]} with the same conditioning")
+    assert sent[0] - sent[1] >= cond_bytes
+    with torch.inference_mode():
+        pos[0][0].mul_(-1.0)  # the same object, new values
+    diff, ref, _ = _compare((model, pos, neg, group), EMPTY, "euler", "simple")
+    assert diff <= TOL, "the workers sampled with the old conditioning"
+    assert group.last_run["host_phases"]["sent_bytes"] - sent[1] >= cond_bytes // 2
+
+
+def test_step_latents_only_when_previews_want_them(setup):
+    """Without a previewer (ComfyUI's default --preview-method none) the stock sampler's x0
+    goes nowhere, so the workers do not send it every step; with one they do."""
+    model, pos, neg, group = setup
+    seen = {}
+    for stream in (False, True):
+        job, tensors, rank_tensors = prepare_comfy_job(group.world, model, pos, neg, EMPTY, seed=1, steps=3, cfg=2.0,
+                                                       sampler_name="euler", scheduler="simple")
+        job["stream_x0"] = stream
+        x0s = []
+        group.run(job, tensors, rank_tensors=rank_tensors, on_step=lambda i, n, x0: x0s.append(x0))
+        seen[stream] = x0s
+    assert len(seen[False]) == 3 and all(x is None for x in seen[False])
+    assert len(seen[True]) == 3 and all(x is not None and x.shape == EMPTY["samples"].shape for x in seen[True])
+
+
 # ------------------------------------------------------------------- Qwen-Image
 @pytest.fixture(scope="module")
 def qwen(setup):
