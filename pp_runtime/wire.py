@@ -67,6 +67,12 @@ def decode(data: bytes | bytearray) -> tuple[dict, dict[str, torch.Tensor]]:
     return head["msg"], tensors
 
 
+def peek(data: bytes | bytearray) -> dict:
+    """A message's JSON part, without copying its tensors."""
+    (n,) = struct.unpack_from("<I", data)
+    return json.loads(bytes(data[4:4 + n]).decode())["msg"]
+
+
 def send(conn, msg: dict, tensors: dict | None = None) -> None:
     conn.send_bytes(encode(msg, tensors))
 

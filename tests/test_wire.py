@@ -36,3 +36,8 @@ def _message(entries, body=b"\0" * 16):
 def test_malformed_header_is_refused(entry, why):
     with pytest.raises(ValueError, match="malformed control message"):
         wire.decode(_message([entry]))
+
+
+def test_peek_reads_the_json_part_only():
+    data = wire.encode({"op": "error", "rank": 1}, {"x": torch.zeros(1000)})
+    assert wire.peek(data) == {"op": "error", "rank": 1}

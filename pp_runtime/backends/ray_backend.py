@@ -40,10 +40,10 @@ import math
 import os
 import queue
 import re
-import struct
 import threading
 import time
 
+from .. import wire
 from ..environment import ENV_FLAGS, comfy_flags
 from ..group import PACKAGE_PARENT, WorkerGroup
 
@@ -138,8 +138,7 @@ def describe_death(err) -> str:
 
 def _op(frame: bytes) -> str | None:
     try:
-        (n,) = struct.unpack_from("<I", frame)
-        return json.loads(frame[4:4 + n].decode()).get("op")
+        return wire.peek(frame).get("op")
     except Exception:
         return None
 
@@ -380,15 +379,45 @@ class RayWorkerGroup(WorkerGroup):
                 self._fail(rank, cause)
                 raise self._error(rank, cause)
 
-    def _first_dead(self, grace: float = 0.0):
+    def _first_dead(self, grace: float = 0.0, probe_s: float = 3.0):
+        """The first rank whose actor is gone.  A rank that reports a broken connection may
+        see a lost node before Ray does (Ray notices a dead node only after its health
+        checks): so, if no actor is known dead within ``grace``, every actor is asked where
+        it runs, and one that does not answer within ``probe_s`` is the lost one."""
         deadline = time.monotonic() + grace
         while True:
             for rank, c in enumerate(self.conns):
                 if c is not None and c.dead and not c.reported_error:
                     return rank
             if time.monotonic() >= deadline:
-                return None
+                break
             time.sleep(0.05)
+        try:
+            import ray
+            from ray.exceptions import GetTimeoutError, RayActorError
+        except ImportError:
+            return None
+        refs = [a.where.remote() for a in self.actors]
+        end = time.monotonic() + probe_s
+        for rank, ref in enumerate(refs):
+            conn = self.conns[rank] if rank < len(self.conns) else None
+            if conn is None or conn.reported_error:
+                continue
+            try:
+                ray.get(ref, timeout=max(0.1, end - time.monotonic()))
+            except GetTimeoutError:
+                conn.cause = (f"its Ray actor did not answer within {probe_s:g} s after a peer lost its "
+                              f"connection to it (its node is down or unreachable, or its Ray processes were "
+                              f"killed)")
+            except RayActorError as e:
+                conn.cause = describe_death(e)
+            except Exception as e:
+                conn.cause = f"lost contact with its Ray actor: {type(e).__name__}: {e}"
+            else:
+                continue
+            conn.dead = True
+            return rank
+        return None
 
     def _kill(self):
         for c in self.conns:
