@@ -151,14 +151,15 @@ def run_stock(model, spec, cfg, batch, steps, seed, clock, label):
 
 
 def run_pp(pp_nodes, model, group, spec, cfg, batch, steps, seed, clock, label, split="balanced", mode="sequential",
-           manual=""):
+           manual="", patches=None):
     import torch
     latent = {"samples": torch.zeros((batch,) + tuple(spec[1][1:]))}
     pos, neg = conditioning(spec)
     t0 = time.perf_counter()
     out = pp_nodes.pp_sample(model, group, pos, neg, latent, seed=seed, steps=steps, cfg=cfg, sampler_name="euler",
                              scheduler="simple", denoise=1.0, split={"strategy": split, "manual": manual},
-                             cfg_mode={"mode": mode, "cfg_normalize": False})[0]["samples"]
+                             cfg_mode={"mode": mode, "cfg_normalize": False},
+                             patch_pipelining=patches)[0]["samples"]
     t1 = time.perf_counter()
     from pack.pp_runtime.group import shared_group
     g = shared_group(group["devices"])
@@ -178,6 +179,7 @@ def run_pp(pp_nodes, model, group, spec, cfg, batch, steps, seed, clock, label, 
     return out, summarize(label, t0, t1, steps, clock.times, {
         "split": last.get("split"), "layout": last.get("layout"), "phases": phases,
         "peak_bytes_per_rank": [(r.get("mem") or {}).get("peak") for r in ranks],
+        "patch_pipelining": [r.get("patch_pipelining") for r in ranks] if patches else None,
         "loaded": [r.get("loaded") for r in ranks]})
 
 
@@ -195,7 +197,7 @@ def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--devices", default="cuda:0,cuda:1")
     ap.add_argument("--model", choices=list(MODELS), default="flux")
-    ap.add_argument("--variants", default="core", help="core, legacy, extras, consumer (comma-separated)")
+    ap.add_argument("--variants", default="core", help="core, patches, legacy, extras, consumer (comma-separated)")
     ap.add_argument("--steps", type=int, default=None)
     ap.add_argument("--repeat", type=int, default=1, help="timed prompts per variant (after one warm-up)")
     ap.add_argument("--pack-root", default=str(ROOT), help="the pack to measure (--legacy-tree: an older one)")
@@ -261,10 +263,12 @@ def main(argv=None):
 
     # -- stock -----------------------------------------------------------------------------
     stock = {}
-    if not args.only_pp and "core" in wanted:
+    core = "core" in wanted
+    if not args.only_pp and (core or "patches" in wanted):
         log("stock KSampler (ComfyUI's loader and sampling, this process, first GPU):")
         model = comfy.sd.load_diffusion_model(path)
-        for label, c, b in (("stock_cfg1", 1.0, 1), ("stock_cfg", cfg_scale, 1), ("stock_b2_cfg", cfg_scale, 2)):
+        plan = (("stock_cfg1", 1.0, 1), ("stock_cfg", cfg_scale, 1), ("stock_b2_cfg", cfg_scale, 2))
+        for label, c, b in (plan if core else plan[:2]):
             stock[label] = timed(lambda **k: run_stock(model, spec, k["cfg"], k["batch"], k["steps"], seed, clock,
                                                        k["label"]), label, cfg=c, batch=b, steps=steps)
         mm.unload_all_models()
@@ -273,7 +277,7 @@ def main(argv=None):
 
     # -- PP KSampler --------------------------------------------------------------------------
     pp = {}
-    if "core" in wanted or args.only_pp:
+    if core or args.only_pp or "patches" in wanted:
         log(f"PP KSampler ({args.pack_root}) on {devices}:")
         model_pp = cb.load_on_disk(path)
         group = {"devices": devices.split(","), "backend": "local", "residency": "keep", "memory_cap_gb": ""}
@@ -281,17 +285,22 @@ def main(argv=None):
                 ("cfgpar2", cfg_scale, 1, "balanced", "cfg_parallel"), ("pp2_b2_seqcfg", cfg_scale, 2, "balanced",
                                                                         "sequential"),
                 ("pp2_seqcfg_by_memory", cfg_scale, 1, "by_memory", "sequential")]
-        if args.only_pp:
+        if args.only_pp or not core:
             plan = plan[:2]
         for label, c, b, split, mode in plan:
             pp[label] = timed(lambda **k: run_pp(pp_nodes, model_pp, group, spec, k["cfg"], k["batch"], k["steps"], seed,
                                                  clock, k["label"], split=k["split"], mode=k["mode"]),
                               label, cfg=c, batch=b, split=split, mode=mode, steps=steps)
+        if "patches" in wanted:
+            patch_variants(result, pp, pp_nodes, model_pp, group, spec, cfg_scale, steps, seed, clock, key, timed)
         from pack.pp_runtime.group import shared_group
         result["extras"]["worker_log_memory_leak_lines"] = worker_log_leaks(shared_group(group["devices"]))
 
     # -- ratios ------------------------------------------------------------------------------
     pairs = {f"{key}_pp2_cfg1": ("stock_cfg1", "pp2_cfg1"), f"{key}_pp2_seqcfg": ("stock_cfg", "pp2_seqcfg"),
+             f"{key}_pp2_patches_cfg1": ("stock_cfg1", "pp2_patches_cfg1"),
+             f"{key}_pp2_patches8_cfg1": ("stock_cfg1", "pp2_patches8_cfg1"),
+             f"{key}_pp2_patches_seqcfg": ("stock_cfg", "pp2_patches_seqcfg"),
              f"{key}_cfgpar2": ("stock_cfg", "cfgpar2"), f"{key}_pp2_b2_seqcfg": ("stock_b2_cfg", "pp2_b2_seqcfg")}
     for name, (s, p) in pairs.items():
         if s in V and p in V:
@@ -342,6 +351,31 @@ def main(argv=None):
     log(f"wrote {out}")
     from pack.pp_runtime.group import shutdown_all
     shutdown_all()
+
+
+# -- patch pipelining (approximate, opt-in) -------------------------------------------------------
+def patch_variants(result, pp, pp_nodes, model_pp, group, spec, cfg_scale, steps, seed, clock, key, timed):
+    """PP2 with patches (M = 2 x stages = 4, and 8) at cfg 1 and sequential CFG, warm-up 1, timed
+    like the exact variants; the deviation: rel-L2 of the final latent against exact PP at
+    warm-up 1, 2 and 4 (random weights: a proxy for a real model's); the keys/values cache."""
+    log("PP KSampler with patch pipelining (approximate):")
+    dev = result.setdefault("deviation", {})
+    cache = result["extras"].setdefault("patch_cache_bytes_per_rank", {})
+    for label, c, count, exact in (("pp2_patches_cfg1", 1.0, 0, "pp2_cfg1"), ("pp2_patches8_cfg1", 1.0, 8, "pp2_cfg1"),
+                                   ("pp2_patches_seqcfg", cfg_scale, 0, "pp2_seqcfg")):
+        settings = {"patches": count, "warmup_steps": 1}
+        pp[label] = timed(lambda **k: run_pp(pp_nodes, model_pp, group, spec, k["cfg"], 1, k["steps"], seed, clock,
+                                             k["label"], patches=settings), label, cfg=c, steps=steps)
+        cache[label] = [(r or {}).get("cache_bytes") for r in result["variants"][label]["patch_pipelining"]]
+        dev[f"{label}_warmup1"] = rel_l2(pp[label], pp.get(exact))
+        if count == 0:
+            for w in (2, 4):
+                out, _ = run_pp(pp_nodes, model_pp, group, spec, c, 1, steps, seed, clock, f"{label} warm-up {w}",
+                                patches={"patches": 0, "warmup_steps": w})
+                dev[f"{label}_warmup{w}"] = rel_l2(out, pp.get(exact))
+    dev["note"] = ("rel-L2 of the final latent against exact PP (same split, same run); random full-size weights, "
+                   "so a proxy for a trained model's deviation")
+    log("deviation against exact PP:", json.dumps(dev, indent=1))
 
 
 # -- extras: EasyCache on PP, Cancel within a step, a stage that does not fit -------------------

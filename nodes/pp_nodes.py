@@ -139,6 +139,30 @@ class PPCFGMode:
         return ({"mode": mode, "cfg_normalize": cfg_normalize},)
 
 
+class PPPatchPipelining:
+    DESCRIPTION = ("APPROXIMATE, opt-in: faster at CFG 1 (and with CFG) on a pipeline of 2+ GPUs, at the cost of "
+                   "exactness. After the warm-up steps each step cuts the image (or video) tokens into patches that "
+                   "flow through the GPUs one after another, so they work at the same time; a patch attends to "
+                   "the other patches' keys/values from this step where they are already computed and from the "
+                   "previous step otherwise (PipeFusion). The result differs slightly from the stock KSampler; "
+                   "with warm-up steps >= steps it is exact. Flux, Wan 2.1/2.2, Qwen-Image, HunyuanVideo, Chroma.")
+    CATEGORY = CATEGORY
+    RETURN_TYPES = ("PP_PATCHES",)
+    FUNCTION = "make"
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {"required": {
+            "patches": ("INT", {"default": 0, "min": 0, "max": 64, "tooltip": "Patches per step (0: twice the "
+                               "number of pipeline stages). More patches: more overlap, smaller kernels."}),
+            "warmup_steps": ("INT", {"default": 1, "min": 1, "max": 10000, "tooltip": "Exact steps first (they "
+                                    "also fill the keys/values the patches reuse). More: closer to exact."}),
+        }}
+
+    def make(self, patches, warmup_steps):
+        return ({"patches": int(patches), "warmup_steps": int(warmup_steps)},)
+
+
 class PPLoadDiffusionModel:
     DESCRIPTION = ("Load a diffusion model for PP KSampler without reading its weights here: each worker reads "
                    "only its own stage from the file.")
@@ -201,16 +225,19 @@ class PPKSampler:
         }, "optional": {
             "split": ("PP_SPLIT", {"tooltip": "Stage split (default: balanced)."}),
             "cfg_mode": ("PP_CFG", {"tooltip": "CFG layout (default: auto)."}),
+            "patch_pipelining": ("PP_PATCHES", {"tooltip": "APPROXIMATE speed-up (PP Patch Pipelining): trades "
+                                 "exactness for speed, also at CFG 1. Not connected: exact (the stock "
+                                 "KSampler's result)."}),
             "free_host_weights": ("BOOLEAN", {"default": False, "tooltip": "For a MODEL from the stock loader: "
                                   "once its weights are handed to the workers, free them from ComfyUI's memory "
                                   "(the MODEL then works only with PP samplers)."}),
         }}
 
     def sample(self, model, group, positive, negative, latent_image, seed, steps, cfg, sampler_name, scheduler,
-               denoise, split=None, cfg_mode=None, free_host_weights=False):
+               denoise, split=None, cfg_mode=None, free_host_weights=False, patch_pipelining=None):
         return pp_sample(model, group, positive, negative, latent_image, seed=seed, steps=steps, cfg=cfg,
                          sampler_name=sampler_name, scheduler=scheduler, denoise=denoise, split=split,
-                         cfg_mode=cfg_mode, free_host_copy=free_host_weights)
+                         cfg_mode=cfg_mode, free_host_copy=free_host_weights, patch_pipelining=patch_pipelining)
 
 
 class PPKSamplerAdvanced(PPKSampler):
@@ -236,10 +263,10 @@ class PPKSamplerAdvanced(PPKSampler):
 
     def sample_advanced(self, model, group, add_noise, noise_seed, steps, cfg, sampler_name, scheduler, positive,
                         negative, latent_image, start_at_step, end_at_step, return_with_leftover_noise,
-                        split=None, cfg_mode=None, free_host_weights=False):
+                        split=None, cfg_mode=None, free_host_weights=False, patch_pipelining=None):
         return pp_sample(model, group, positive, negative, latent_image, seed=noise_seed, steps=steps, cfg=cfg,
                          sampler_name=sampler_name, scheduler=scheduler, denoise=1.0, split=split,
-                         cfg_mode=cfg_mode, free_host_copy=free_host_weights,
+                         cfg_mode=cfg_mode, free_host_copy=free_host_weights, patch_pipelining=patch_pipelining,
                          disable_noise=add_noise == "disable", start_step=start_at_step,
                          last_step=end_at_step, force_full_denoise=return_with_leftover_noise != "enable")
 
@@ -304,6 +331,7 @@ NODE_CLASS_MAPPINGS = {
     "PPWorkerGroup": PPWorkerGroup,
     "PPStageSplit": PPStageSplit,
     "PPCFGMode": PPCFGMode,
+    "PPPatchPipelining": PPPatchPipelining,
     "PPLoadDiffusionModel": PPLoadDiffusionModel,
     "PPKSampler": PPKSampler,
     "PPKSamplerAdvanced": PPKSamplerAdvanced,
@@ -312,6 +340,7 @@ NODE_DISPLAY_NAME_MAPPINGS = {
     "PPWorkerGroup": "PP Worker Group",
     "PPStageSplit": "PP Stage Split",
     "PPCFGMode": "PP CFG Mode",
+    "PPPatchPipelining": "PP Patch Pipelining (approximate)",
     "PPLoadDiffusionModel": "PP Load Diffusion Model",
     "PPKSampler": "PP KSampler",
     "PPKSamplerAdvanced": "PP KSampler (Advanced)",

@@ -10,6 +10,8 @@ from __future__ import annotations
 import torch
 
 from . import comfy_bridge as cb
+from .families import family_for
+from .patches import describe_support
 from .jobs import JobError, choose_layout
 from .split import split_blocks
 from .topology import Topology
@@ -57,12 +59,34 @@ def check_latent(model, samples: torch.Tensor) -> torch.Tensor:
     return fixed
 
 
+def plan_patch_pipelining(settings: dict | None, diffusion_model, pp: int) -> dict | None:
+    """{'count': M, 'warmup': W} for the workers, or None (off); a clear refusal otherwise."""
+    if not settings or not settings.get("enabled", True):
+        return None
+    family = family_for(diffusion_model)
+    why = describe_support(family, diffusion_model)
+    if why:
+        raise JobError(why)
+    if pp < 2:
+        raise JobError("patch pipelining overlaps the stages of a pipeline: it needs at least 2 stages (this layout "
+                       "has 1: CFG-parallel on 2 GPUs gives each branch its own 1-stage pipeline); use cfg_mode "
+                       "sequential, more GPUs, or turn patches off")
+    count = int(settings.get("patches") or 0) or 2 * pp
+    warmup = int(settings.get("warmup_steps", 1))
+    if count < 2:
+        raise JobError(f"patches {count}: use 2 or more (0: twice the stages, {2 * pp})")
+    if warmup < 1:
+        raise JobError("warmup_steps must be at least 1: the first step fills the keys/values the patches reuse")
+    return {"count": count, "warmup": warmup}
+
+
 def prepare_comfy_job(world: int, model, positive, negative, latent: dict, *, seed: int, steps: int, cfg: float,
                       sampler_name: str, scheduler: str, denoise: float = 1.0, split: dict | None = None,
                       cfg_mode: dict | None = None, disable_noise: bool = False, start_step=None, last_step=None,
                       force_full_denoise: bool = False, micro_batch_size: int = 1,
                       free_host_copy: bool = False, export_dir: str | None = None,
-                      device_memory: list[int] | None = None, devices: list[str] | None = None):
+                      device_memory: list[int] | None = None, devices: list[str] | None = None,
+                      patch_pipelining: dict | None = None):
     """-> (job, tensors for every rank, rank_tensors(rank): the tensors only that rank needs)."""
     split = split or {"strategy": "balanced", "manual": ""}
     cfg_mode = cfg_mode or {"mode": "auto", "cfg_normalize": False}
@@ -103,6 +127,7 @@ def prepare_comfy_job(world: int, model, positive, negative, latent: dict, *, se
     except cb.CarryError as e:
         raise JobError(str(e)) from e
     topo = Topology.build(world, pp=layout["pp"], cfg=layout["cfg"])
+    pipelining = plan_patch_pipelining(patch_pipelining, model.model.diffusion_model, layout["pp"])
     job = {
         "kind": "comfy_sample",
         "model": weights_source(model, free_host_copy, export_dir),
@@ -119,6 +144,7 @@ def prepare_comfy_job(world: int, model, positive, negative, latent: dict, *, se
         "reuse_prefixes": ["positive.", "negative."],  # unchanged conditioning is not sent again
         # Weight patches (LoRA): JSON for all, tensors per stage; the id tells a worker
         # whether the patches it applied last time are still the right ones.
+        "patch_pipelining": pipelining,  # approximate, opt-in; None: exact
         "patches": patches, "patches_id": f"{getattr(model, 'patches_uuid', '')}" if patches else "",
     }
     tensors.update(pos_t)

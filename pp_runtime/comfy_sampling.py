@@ -35,11 +35,13 @@ from . import sampling_patches
 from .comm import PipelineStopped
 from .families import family_for
 from .jobs import Split
+from .patches import PatchCall, check_inputs
 from .staging import StageCancelled, StageForward, stage_prefixes
 from .timeline import Timeline
 
 ROWS = "__rows"  # micro-batch sizes of a pass, in order
 BRANCH = "__branch"  # cond (0) / uncond (1) of each row
+PATCHES = "__patches"  # patch pipelining: M patches per micro-batch, -1 an exact pass that fills the cache
 
 
 # -- placement -----------------------------------------------------------------------
@@ -145,13 +147,15 @@ def rows_of(x) -> int:
 
 
 def encode_pass(x, timestep, context, kwargs: dict, rows: list[int], branch: list[int],
-                options: dict | None = None) -> dict:
+                options: dict | None = None, patches: int = 0) -> dict:
     """A pass as one tensor dict: per-row tensors are cut into micro-batches by the receiver
     (``r.`` keys, or a leading dimension equal to the pass's rows), ``w.`` keys are whole.
     Keys say what a value was: ``t.`` tensor, ``l.``/``u.`` list/tuple of tensors, ``b.``/``i.``/
     ``f.``/``s.`` bool/int/float/str, ``n.`` list of numbers."""
     total = sum(rows)
     out = {ROWS: torch.tensor(rows), BRANCH: torch.tensor(branch)}
+    if patches:
+        out[PATCHES] = torch.tensor([patches])
     for k, v in {"x": x, "timestep": timestep, "context": context, **kwargs}.items():
         if v is None:
             continue
@@ -193,7 +197,7 @@ def decode_pass(msg: dict):
     seqs: dict[tuple, list] = {}
     kw, opts, row_opts = {}, {}, {}
     for key, v in msg.items():
-        if key in (ROWS, BRANCH):
+        if key in (ROWS, BRANCH, PATCHES):
             continue
         kind, _, name = key.partition(".")
         if kind == "t":
@@ -228,6 +232,29 @@ def decode_pass(msg: dict):
     return out
 
 
+def units(msg: dict, micro_batches: list) -> list:
+    """A pass's work on every rank, in order: (micro-batch index, kwargs, branch, options,
+    patches.PatchCall or None); with patches, M units per micro-batch."""
+    mode = int(msg[PATCHES].item()) if PATCHES in msg else 0
+    out = []
+    for i, (kw, branch, opts) in enumerate(micro_batches):
+        key = tuple(branch)
+        if mode > 1:
+            out += [(i, kw, branch, opts, PatchCall("patch", key, p, mode)) for p in range(mode)]
+        else:
+            out.append((i, kw, branch, opts, PatchCall("fill", key) if mode == -1 else None))
+    return out
+
+
+def step_index(options: dict) -> int | None:
+    """The sampling step of a model call: how many of the schedule's sigmas lie above its sigma."""
+    sigmas, schedule = (options or {}).get("sigmas"), (options or {}).get("sample_sigmas")
+    if not torch.is_tensor(sigmas) or not torch.is_tensor(schedule) or not sigmas.numel():
+        return None
+    sigma = float(sigmas.max())
+    return int((schedule.float() > sigma * (1 + 1e-5) + 1e-12).sum())
+
+
 def cat_outputs(outs: list):
     """Micro-batch outputs in row order: tensors, or LTX-2's [video, audio] lists."""
     if isinstance(outs[0], (list, tuple)):
@@ -238,8 +265,14 @@ def cat_outputs(outs: list):
 # -- the ranks ------------------------------------------------------------------------
 class ComfyPipelineRunner:
     def __init__(self, ctx, stage: ComfyStage, micro_batch_size: int = 1, batched: bool = False,
-                 cancelled=None, options: dict | None = None, on_block=None):
+                 cancelled=None, options: dict | None = None, on_block=None, patches: dict | None = None):
         self.ctx, self.stage = ctx, stage
+        # Patch pipelining (opt-in): M patches per pass after `warmup` exact steps.
+        self.patch_count = int((patches or {}).get("count") or 0)
+        self.patch_warmup = int((patches or {}).get("warmup") or 0)
+        self.patched_passes = 0
+        self._filled = None  # the last pass's shape: the caches hold its keys/values
+        stage.forward.kv.clear()
         self.topo, self.p2p = ctx.topo, ctx.p2p
         self.micro_batch_size = micro_batch_size
         self.batched = batched
@@ -250,13 +283,13 @@ class ComfyPipelineRunner:
         stage.forward.cancelled = cancelled or (lambda: False)
         stage.forward.on_block = on_block
 
-    def _forward(self, kw: dict, opts: dict, state_in, label: str):
+    def _forward(self, kw: dict, opts: dict, state_in, label: str, patch=None):
         if self.first_pass is None:
             self.first_pass = time.monotonic()
         kw = dict(kw)
         args = (kw.pop("x"), kw.pop("timestep"))  # positional, as ComfyUI's BaseModel passes them
         with self.timeline.span("compute", label):
-            return self.stage.forward(args, {**kw, "transformer_options": {**self.options, **opts}}, state_in)
+            return self.stage.forward(args, {**kw, "transformer_options": {**self.options, **opts}}, state_in, patch)
 
     def _others(self) -> list[int]:
         """The ranks of this pipeline that the last rank sends each pass to."""
@@ -272,7 +305,7 @@ class ComfyPipelineRunner:
                 with self.timeline.span("wait", "pass"):
                     msg = p2p.irecv_tensor_dict(topo.last_rank).wait()  # PipelineStopped: sampling ended
                 self.passes += 1
-                if not self._serve_pass(decode_pass(msg)):
+                if not self._serve_pass(units(msg, decode_pass(msg))):
                     # This run is over (cancelled): the last rank's final STOP ends the loop.
                     p2p.irecv_tensor_dict(topo.last_rank).wait()
                     raise RuntimeError("the last rank sent another pass after the run was cancelled")
@@ -281,14 +314,16 @@ class ComfyPipelineRunner:
         finally:
             p2p.flush()
 
-    def _serve_pass(self, micro_batches) -> bool:
-        """One pass on a non-last rank; False if the run stopped during it."""
+    def _serve_pass(self, work) -> bool:
+        """One pass on a non-last rank (its ``units``); False if the run stopped during it."""
         topo, p2p = self.topo, self.p2p
         sent_stop = False
-        for i, (kw, branch, opts) in enumerate(micro_batches):
+        if work and work[0][4] is not None and work[0][4].mode == "patch":
+            self.patched_passes += 1
+        for i, kw, branch, opts, patch in work:
             state = None
             if not topo.is_first:
-                with self.timeline.span("wait", f"mb{i}"):
+                with self.timeline.span("wait", _label(branch, i, patch)):
                     try:
                         state = p2p.irecv_tensor_dict(topo.prev_rank).wait()
                     except PipelineStopped:  # the previous rank stopped: nothing more comes from it
@@ -298,7 +333,7 @@ class ComfyPipelineRunner:
             if sent_stop:
                 continue  # stopped: only receive what the previous rank still sends
             try:
-                out = self._forward(kw, opts, state, _label(branch, i))
+                out = self._forward(kw, opts, state, _label(branch, i, patch), patch)
             except StageCancelled:
                 p2p.isend_stop(topo.next_rank)
                 sent_stop = True
@@ -345,16 +380,17 @@ class ComfyPipelineRunner:
         size = n if self.batched else self.micro_batch_size
         sizes = [min(size, n - a) for a in range(0, n, size)]
         my_branch = [branch[r] for r in mine]
-        msg = encode_pass(x, timestep, context, kw, sizes, my_branch, options)
+        mode = self._patch_mode((rows_of_shape(x), tuple(sizes), tuple(my_branch)), options, kw)
+        msg = encode_pass(x, timestep, context, kw, sizes, my_branch, options, patches=mode)
         p2p, topo = self.p2p, self.topo
         if topo.pp_size > 1:
             for r in self._others():
                 p2p.isend_tensor_dict(msg, r)
-        outs, cancelled = [], False
-        for i, (kwm, b, opts) in enumerate(decode_pass(msg)):
+        outs, pending, cancelled = [], [], False
+        for i, kwm, b, opts, patch in units(msg, decode_pass(msg)):
             state = None
             if topo.pp_size > 1:
-                with self.timeline.span("wait", f"mb{i}"):
+                with self.timeline.span("wait", _label(b, i, patch)):
                     try:
                         state = p2p.irecv_tensor_dict(topo.prev_rank).wait()
                     except PipelineStopped:
@@ -362,10 +398,32 @@ class ComfyPipelineRunner:
             if cancelled:
                 continue  # receive what the previous rank still sends for this pass
             try:
-                outs.append(self._forward(kwm, opts, state, _label(b, i)))
+                out = self._forward(kwm, opts, state, _label(b, i, patch), patch)
+                if patch is None or patch.mode != "patch":
+                    outs.append(out)
+                    continue
+                pending.append(out)  # the last block's output for this patch
+                if patch.index == patch.count - 1:  # ComfyUI's head on the patches joined
+                    head = PatchCall("head", patch.branch, count=patch.count, outputs=pending)
+                    outs.append(self._forward(kwm, opts, None, _label(b, i) + " head", head))
+                    pending = []
             except StageCancelled:
                 cancelled = True
         return (None, True) if cancelled else (cat_outputs(outs), False)
+
+    def _patch_mode(self, shape, options, kwargs) -> int:
+        """Patches for this pass (M), or -1 (exact, filling the caches), or 0 (patches off).
+        Patched once the step reaches ``warmup`` and the previous pass had this pass's shape
+        (its keys/values are in the caches); every pass leaves them filled for the next."""
+        if self.patch_count < 2:
+            return 0
+        ready, self._filled = self._filled == shape, shape
+        step = step_index(options)
+        if ready and step is not None and step >= self.patch_warmup:
+            check_inputs(self.stage.forward.family, self.stage.forward.model, kwargs)
+            self.patched_passes += 1
+            return self.patch_count
+        return -1
 
     def _exchange(self, rows, branch, mine, out_mine):
         """Both last ranks of a CFG group end with the full output, rows in order (the output
@@ -418,9 +476,19 @@ class ComfyPipelineRunner:
             self.p2p.flush()
 
 
-def _label(branch, i):
+def _label(branch, i, patch=None):
     names = {0: "cond", 1: "uncond"}
-    return "+".join(sorted({names.get(b, str(b)) for b in branch})) + f"[{i}]"
+    label = "+".join(sorted({names.get(b, str(b)) for b in branch})) + f"[{i}]"
+    if patch is not None and patch.mode == "patch":
+        label += f" p{patch.index + 1}/{patch.count}"
+    return label
+
+
+def rows_of_shape(x) -> tuple:
+    """A model input's shape (LTX-2: the shapes of its parts)."""
+    if isinstance(x, (list, tuple)):
+        return tuple(tuple(e.shape) for e in x)
+    return tuple(x.shape)
 
 
 class PipelineProxy(torch.nn.Module):

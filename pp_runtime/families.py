@@ -15,36 +15,49 @@ from __future__ import annotations
 
 import importlib
 
+from .patches import PatchSpec
 from .staging import BlockList, Family
 
 DUAL = ("img", "txt")
+TXT_IMG = ("txt", "img")  # joint attention order: text tokens first
+IMG_TXT = ("img", "txt")
 
 FAMILIES = (
     # comfy/ldm/flux/model.py (Flux.1 dev/schnell, Kontext, Flux.2, Ovis): txt/img concatenated
     # between the two loops; a boundary at single block 0 carries the concatenation.
     Family("Flux", ("comfy.ldm.flux.model:Flux",),
-           (BlockList("double_blocks", "double_block", DUAL, cost=0.5),
-            BlockList("single_blocks", "single_block", ("img",))),
-           head=("final_layer",), modulation=("img_mod", "txt_mod", "modulation")),
+           (BlockList("double_blocks", "double_block", DUAL, cost=0.5, joint=TXT_IMG),
+            BlockList("single_blocks", "single_block", ("img",), joint=("img",))),
+           head=("final_layer",), modulation=("img_mod", "txt_mod", "modulation"),
+           patches=PatchSpec(positional=(("pe", 2),), classes=("comfy.ldm.flux.model:Flux",))),
     # comfy/ldm/chroma/model.py, comfy/ldm/chroma_radiance/model.py (its NeRF head after the loops)
     Family("Chroma", ("comfy.ldm.chroma.model:Chroma",),
-           (BlockList("double_blocks", "double_block", DUAL, cost=0.5),
-            BlockList("single_blocks", "single_block", ("img",))),
-           head=("final_layer", "nerf_image_embedder", "nerf_blocks", "nerf_final_layer", "nerf_final_layer_conv")),
+           (BlockList("double_blocks", "double_block", DUAL, cost=0.5, joint=TXT_IMG),
+            BlockList("single_blocks", "single_block", ("img",), joint=("img",))),
+           head=("final_layer", "nerf_image_embedder", "nerf_blocks", "nerf_final_layer", "nerf_final_layer_conv"),
+           patches=PatchSpec(positional=(("pe", 2),), classes=("comfy.ldm.chroma.model:Chroma",))),
     # comfy/ldm/hunyuan_video/model.py (HunyuanVideo 1.0 t2v/i2v, 1.5, HunyuanImage 2.1)
     Family("HunyuanVideo", ("comfy.ldm.hunyuan_video.model:HunyuanVideo",),
-           (BlockList("double_blocks", "double_block", DUAL, cost=0.5),
-            BlockList("single_blocks", "single_block", ("img",))),
-           head=("final_layer",), modulation=("img_mod", "txt_mod", "modulation")),
+           (BlockList("double_blocks", "double_block", DUAL, cost=0.5, joint=IMG_TXT),
+            BlockList("single_blocks", "single_block", ("img",), joint=("img",))),
+           head=("final_layer",), modulation=("img_mod", "txt_mod", "modulation"),
+           patches=PatchSpec(positional=(("pe", 2),),
+                             unsupported_args=("modulation_dims_img", "modulation_dims_txt", "modulation_dims"),
+                             classes=("comfy.ldm.hunyuan_video.model:HunyuanVideo",))),
     # comfy/ldm/wan/model.py, model_animate.py: t2v, i2v, Fun Control, VACE (hint blocks computed by
     # every rank: they read only pre-loop values), Camera, S2V, HuMo, Animate
     Family("Wan", ("comfy.ldm.wan.model:WanModel",),
-           (BlockList("blocks", "double_block", ("img",)),),
-           head=("head",)),
+           (BlockList("blocks", "double_block", ("img",), joint=("img",)),),
+           head=("head",),
+           patches=PatchSpec(positional=(("pe", 1),), classes=("comfy.ldm.wan.model:WanModel",))),
     # comfy/ldm/qwen_image/model.py (text-to-image, Edit, 2511, Layered)
     Family("QwenImage", ("comfy.ldm.qwen_image.model:QwenImageTransformer2DModel",),
-           (BlockList("transformer_blocks", "double_block", DUAL, cost=0.5),),
-           head=("norm_out", "proj_out"), modulation=("img_mod", "txt_mod")),
+           (BlockList("transformer_blocks", "double_block", DUAL, cost=0.5, joint=TXT_IMG),),
+           head=("norm_out", "proj_out"), modulation=("img_mod", "txt_mod"),
+           patches=PatchSpec(positional=(("pe", 2),),
+                             classes=("comfy.ldm.qwen_image.model:QwenImageTransformer2DModel",),
+                             unsupported_inputs=(("ref_latents_method", "index_timestep_zero",
+                                                  "default_ref_method"),))),
     # comfy/ldm/lightricks/model.py, av_model.py (LTX-2: "img" is the (video, audio) pair)
     Family("LTXV", ("comfy.ldm.lightricks.model:LTXVModel",),
            (BlockList("transformer_blocks", "double_block", ("img",)),),

@@ -32,6 +32,8 @@ from dataclasses import dataclass, field
 
 import torch
 
+from .patches import KVCache, PatchDone, PatchSpec, PatchUnsupported, cut, join, patch_ranges, take
+
 
 @dataclass(frozen=True)
 class BlockList:
@@ -46,12 +48,16 @@ class BlockList:
     return value (one name: the value itself; several: a tuple); default ``hidden``.
     ``cost``: per-token compute of a block relative to its parameter count (0.5 for a
     dual-stream block, whose image and text tokens each go through half the weights).
+    ``joint``: for patch pipelining, the hidden-state names in the order the block's
+    attention joins their tokens (e.g. Flux's double blocks: txt, then img).
     """
     path: str
     hook: str | None
     hidden: tuple[str, ...]
     returns: tuple[str, ...] = ()
     cost: float = 1.0
+    joint: tuple[str, ...] = ()  # patch pipelining: the hidden-state names in the order the
+    #                              block's attention joins them into one token sequence
 
 
 @dataclass(frozen=True)
@@ -65,6 +71,7 @@ class Family:
     #                                   run by the first stage, identity elsewhere
     modulation: tuple[str, ...] = ()  # submodule names acting on one vector per item (left out of costs)
     note: str = ""
+    patches: PatchSpec | None = None  # patch pipelining (patches.py); None: refused
 
 
 class StageBoundary(BaseException):
@@ -204,6 +211,15 @@ class _Pass:
     injected: bool = False
     blocks_run: int = 0
     reached: list = field(default_factory=list)
+    patch: object = None     # a patches.PatchCall, or None
+    segments: list | None = None  # the joint sequence's segments (e.g. text, image tokens)
+    spans: list | None = None     # the patch's token ranges in it (one per segment)
+    total: int = 0           # the joint sequence's length
+    block: int | None = None  # the block running now (for the attention hook)
+    calls: int = 0           # attention calls of that block so far
+
+
+_REPLACE = object()  # _enter's answer in a head pass at the model's last block
 
 
 class StageForward:
@@ -218,22 +234,28 @@ class StageForward:
         self.cancelled = cancelled or (lambda: False)
         self.on_block = None  # called with the global index before each of this stage's blocks
         self.blocks = block_modules(model, family)
+        self.n_blocks = len(self.blocks)
+        self.kv = KVCache()  # patch pipelining: this stage's blocks' keys/values of the last pass
         self.offsets: dict[str, int] = {}
         g = 0
         for bl in family.blocks:
             self.offsets[bl.path] = g
             g += len(model.get_submodule(bl.path))
+        self.list_at = [bl for _, _, bl in self.blocks]  # the block list of each global block
         self._pass: _Pass | None = None
 
-    def __call__(self, args: tuple, kwargs: dict, state_in: dict | None = None):
+    def __call__(self, args: tuple, kwargs: dict, state_in: dict | None = None, patch=None):
         """One micro-batch: ``args``/``kwargs`` are the forward's arguments as ComfyUI's
         ``BaseModel`` passes them (``x, t``; ``context``, ``transformer_options``, ...);
         ``state_in`` the previous stage's hidden state (None on the first stage).  Returns
         the hidden state for the next stage (a flat tensor dict), or on the last stage the
-        model output."""
-        if (state_in is None) != self.first:
+        model output.  ``patch`` (a ``patches.PatchCall``): patch pipelining; on the last
+        stage a patch returns the last block's output, and the ``head`` call after the
+        patches the model output."""
+        head = patch is not None and patch.mode == "head"
+        if not head and (state_in is None) != self.first:
             raise StagingError("the first stage takes no hidden state; every other stage needs one")
-        self._pass = p = _Pass(unflatten_state(state_in) if state_in is not None else None)
+        self._pass = p = _Pass(unflatten_state(state_in) if state_in is not None else None, patch=patch)
         kwargs = dict(kwargs)
         kwargs["transformer_options"] = self._options(kwargs.get("transformer_options") or {})
         try:
@@ -243,12 +265,14 @@ class StageForward:
             if self.last:
                 raise StagingError("the last stage reached a stage boundary") from None
             return flatten_state(b.state)
+        except PatchDone as d:
+            return d.out
         finally:
             self._pass = None
         if not self.last:
             raise StagingError(f"the forward of {type(self.model).__name__} ended before block {self.end}: "
                                f"blocks after this stage were skipped")
-        if not self.first and not p.injected:
+        if not self.first and not p.injected and not head:
             raise StagingError(f"the forward of {type(self.model).__name__} reached none of blocks "
                                f"{self.start}..{self.end - 1}")
         return out
@@ -258,8 +282,20 @@ class StageForward:
         """Called at the entry of global block ``g`` with its hidden state; returns the hidden
         state to run the block on, or None to pass it through (a block before this stage)."""
         p = self._pass
+        patch = p.patch
+        if patch is not None and p.segments is None:  # the first block the forward reaches (all ranks
+            names = self.list_at[g].joint               # pass it through, full size): the segments
+            p.segments = [hidden[n].shape[1] for n in names] if len(names) > 1 else [hidden[names[0]].shape[1]]
+            p.total = sum(p.segments)
+            if patch.mode == "patch":
+                p.spans = patch_ranges(p.segments, patch.count)[patch.index]
+        if patch is not None and patch.mode == "head":  # every block passed through; the last
+            return _REPLACE if g == self.n_blocks - 1 else None  # one's output: the patches joined
         if g < self.start:
             return None
+        if patch is not None and patch.mode == "patch" and self.first and not p.injected:
+            hidden = cut(hidden, self.list_at[g].joint, p.segments, p.spans)
+            p.injected = True
         if not self.first and not p.injected:
             hidden = {k: p.state_in[k] for k in hidden}
             p.injected = True
@@ -270,7 +306,61 @@ class StageForward:
         if self.on_block is not None:
             self.on_block(g)
         p.blocks_run += 1
+        p.block, p.calls = g, 0
         return hidden
+
+    def _patch_args(self, args: dict) -> dict:
+        """A block's arguments for a patch: its position tables cut to the patch's tokens."""
+        p, spec = self._pass, self.family.patches
+        for name in spec.unsupported_args:
+            if args.get(name) is not None:
+                raise PatchUnsupported(f"patch pipelining cannot cut this {self.family.name} model's per-token "
+                                       f"block input '{name}': turn patches off")
+        for name, dim in spec.positional:
+            t = args.get(name)
+            if torch.is_tensor(t):
+                if t.shape[dim] != p.total:
+                    raise PatchUnsupported(f"{self.family.name}'s '{name}' covers {t.shape[dim]} tokens, the "
+                                           f"sequence {p.total}: patch pipelining cannot cut it; turn patches off")
+                args[name] = take(t, dim, p.spans)
+        return args
+
+    def _attention(self, previous):
+        """ComfyUI's ``optimized_attention_override`` for patch pipelining: a ``fill`` pass stores
+        each block's keys/values; a patch writes its fresh keys/values into them and attends
+        over the whole sequence (the patches still to come: the previous pass's)."""
+        def override(func, *args, **kwargs):
+            inner = func if previous is None else (lambda *a, **k: previous(func, *a, **k))
+            p = self._pass
+            if p is None or p.patch is None or p.block is None or p.patch.mode not in ("fill", "patch"):
+                return inner(*args, **kwargs)
+            call, p.calls = p.calls, p.calls + 1
+            if call not in self.family.patches.self_attention:
+                return inner(*args, **kwargs)
+            q, k, v = args[:3]
+            dim = 2 if kwargs.get("skip_reshape") else 1
+            key = (p.block, p.patch.branch)
+            if p.patch.mode == "fill":
+                self.kv.kv[key] = (k.detach().clone(), v.detach().clone())
+                return inner(*args, **kwargs)
+            mask = kwargs.get("mask", args[4] if len(args) > 4 else None)
+            if mask is not None and any(s != 1 for s in mask.shape[:-1]):
+                raise PatchUnsupported("patch pipelining cannot cut an attention mask over the queries (e.g. an "
+                                       "attention mask in the conditioning): turn patches off")
+            cached = self.kv.kv.get(key)
+            n = sum(b - a for a, b in p.spans)
+            if cached is None or cached[0].shape[dim] != p.total or k.shape[dim] != n:
+                raise PatchUnsupported(f"block {p.block}: no keys/values of the whole sequence for this patch "
+                                       f"(cached {None if cached is None else tuple(cached[0].shape)}, patch "
+                                       f"{tuple(k.shape)}, tokens {p.spans} of {p.total})")
+            ck, cv = cached
+            at = 0
+            for a, b in p.spans:  # this patch's fresh keys/values into the whole sequence's
+                ck.narrow(dim, a, b - a).copy_(k.narrow(dim, at, b - a))
+                cv.narrow(dim, a, b - a).copy_(v.narrow(dim, at, b - a))
+                at += b - a
+            return inner(q, ck, cv, *args[3:], **kwargs)
+        return override
 
     def _options(self, opts: dict) -> dict:
         """transformer_options with a block-replacement hook on every block of every hooked list
@@ -285,17 +375,27 @@ class StageForward:
                 dit[(bl.hook, i)] = self._hook(bl, self.offsets[bl.path] + i, dit.get((bl.hook, i)))
         replace["dit"] = dit
         opts["patches_replace"] = replace
+        if self._pass is not None and self._pass.patch is not None:
+            opts["optimized_attention_override"] = self._attention(opts.get("optimized_attention_override"))
         return opts
 
     def _hook(self, bl: BlockList, g: int, user):
         def hook(args, extra):
             hidden = self._enter(g, {k: args[k] for k in bl.hidden})
+            if hidden is _REPLACE:
+                p = self._pass
+                return join(p.patch.outputs, bl.joint, p.segments, patch_ranges(p.segments, p.patch.count))
             if hidden is None:
                 return {k: args[k] for k in bl.hidden}
             args = {**args, **hidden}
+            patching = self._pass.patch is not None and self._pass.patch.mode == "patch"
+            if patching:
+                args = self._patch_args(args)
             out = user(args, extra) if user is not None else extra["original_block"](args)
             if not isinstance(out, dict):  # e.g. Kandinsky 5's original_block returns the tensor
                 out = {bl.hidden[0]: out}
+            if patching and self.last and g == self.n_blocks - 1:
+                raise PatchDone(out)
             return out
         return hook
 

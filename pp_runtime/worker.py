@@ -243,7 +243,7 @@ class Worker:
         runner = ComfyPipelineRunner(ctx, stage, job.get("micro_batch_size", 1), job.get("batched_cfg", False),
                                      cancelled=lambda: self.interrupt_job == job_id,
                                      options=job.get("carry", {}).get("transformer_options"),
-                                     on_block=self._on_block)
+                                     on_block=self._on_block, patches=job.get("patch_pipelining"))
 
         def on_step(i, total, x0):
             if topo.is_output_rank:
@@ -263,7 +263,9 @@ class Worker:
         done = {"op": "done", "job": job_id, "interrupted": interrupted, **info, "held": self._held(job),
                 "seconds": time.perf_counter() - t_start, "spans": runner.timeline.take(wait=True),
                 "stage": list(stage.range), "pp_rank": topo.pp_rank, "cfg_rank": topo.cfg_rank,
-                "passes": runner.passes, "patched": patched, "comfy": comfy_runtime(),
+                "passes": runner.passes, "patched": patched,
+                "patch_pipelining": {"patched_passes": runner.patched_passes, "cache_bytes": stage.forward.kv.bytes()}
+                if job.get("patch_pipelining") else None, "comfy": comfy_runtime(),
                 "bytes_read": stage.bytes_read if info["loaded"] else 0,
                 "load_peak_growth": stage.load_peak_growth if info["loaded"] else 0, "mem": mem_info(self.device), "clock0_ms": runner.timeline._t0 * 1e3}
         out = None

@@ -1,0 +1,166 @@
+"""Patch pipelining (PipeFusion-style): opt-in, approximate, on the split model.
+
+At batch 1 and CFG 1 a pass is one micro-batch, so the stages of a pipeline take turns and
+S GPUs are no faster than one.  With patches on, after ``warmup`` exact steps each pass cuts
+the model's token sequence into M contiguous patches that go through the stages one after
+the other as micro-batches, so the stages overlap.  Inside each block a patch's
+self-attention uses the fresh keys/values of itself and of the patches already computed in
+this pass, and the previous pass's keys/values for the patches still to come (a cache per
+block and CFG branch, on the rank that owns the block).  So it is **not exact**; with
+``warmup`` covering every step it is exact PP bit for bit (the cache is only filled).
+
+What a family needs (``PatchSpec`` in its table entry, plus each block list's ``joint``:
+the hidden-state names in the order the block's attention joins them):
+
+* its self-attention goes through ComfyUI's attention function with
+  ``transformer_options`` (the ``optimized_attention_override`` hook), as the first
+  attention call of each block (``self_attention``: which calls, by order);
+* its hidden state is [batch, tokens, channels], so a patch is a token range of it;
+* its position tables (RoPE) are block arguments cut to the patch (``positional``);
+* nothing else in a block indexes tokens (``unsupported_args`` must be None, e.g.
+  HunyuanVideo's per-token modulation ranges; exact classes in ``classes``: a subclass
+  that adds per-block extras is refused).
+
+The last stage runs each patch to the end of its blocks, then one forward with every block
+passed through and the last block's output replaced by the patches' outputs joined, so
+ComfyUI's own code after the loop (the head, unpatchify) sees the full sequence.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+
+@dataclass(frozen=True)
+class PatchSpec:
+    positional: tuple[tuple[str, int], ...] = ()   # block arguments cut to the patch: (name, token dim)
+    self_attention: tuple[int, ...] = (0,)         # which attention calls of a block attend over the sequence
+    unsupported_args: tuple[str, ...] = ()         # block arguments that must be None with patches on
+    classes: tuple[str, ...] = ()                  # "module:Class": only these exact classes
+    # model inputs whose value (or, absent, the model's default attribute) patches cannot run:
+    # (input, value, default attribute), e.g. Qwen-Image Edit's timestep-zero reference tokens
+    unsupported_inputs: tuple[tuple[str, str, str], ...] = ()
+
+
+class PatchUnsupported(RuntimeError):
+    pass
+
+
+def ranges(total: int, count: int) -> list[tuple[int, int]]:
+    """``count`` contiguous ranges of nearly equal size covering ``total`` tokens."""
+    if count < 1 or total < count:
+        raise PatchUnsupported(f"cannot cut {total} tokens into {count} patches: use at most {total} patches")
+    cuts = [round(i * total / count) for i in range(count + 1)]
+    return list(zip(cuts[:-1], cuts[1:]))
+
+
+def patch_ranges(segments: list[int], count: int) -> list[list[tuple[int, int]]]:
+    """Per patch, its token ranges in the joint sequence: one chunk of every segment (e.g. of
+    the text tokens and of the image tokens), so that every patch has some of each."""
+    offsets = [sum(segments[:j]) for j in range(len(segments))]
+    try:
+        chunks = [ranges(n, count) for n in segments]
+    except PatchUnsupported:
+        raise PatchUnsupported(f"the token sequence has segments of {segments} tokens; each of {count} patches "
+                               f"needs some of every segment: use at most {min(segments)} patches") from None
+    return [[(offsets[j] + chunks[j][p][0], offsets[j] + chunks[j][p][1]) for j in range(len(segments))]
+            for p in range(count)]
+
+
+def take(t: torch.Tensor, dim: int, spans: list[tuple[int, int]]) -> torch.Tensor:
+    """The tokens of ``t`` (along ``dim``) in ``spans``, in order."""
+    parts = [t.narrow(dim, a, b - a) for a, b in spans]
+    return parts[0] if len(parts) == 1 else torch.cat(parts, dim)
+
+
+def _segments_of(names: tuple[str, ...], segments: list[int]) -> list[list[int]]:
+    """Which segments each hidden-state name holds: one each (a dual-stream block's image
+    and text states), or all of them (a single-stream block's joint state)."""
+    if len(names) == len(segments):
+        return [[j] for j in range(len(names))]
+    if len(names) == 1:
+        return [list(range(len(segments)))]
+    raise PatchUnsupported(f"hidden state {names} does not match the sequence's {len(segments)} segments")
+
+
+def cut(hidden: dict, names: tuple[str, ...], segments: list[int], spans: list[tuple[int, int]]) -> dict:
+    """A patch's part of a full hidden state (dim 1 is tokens)."""
+    offsets = [sum(segments[:j]) for j in range(len(segments))]
+    out = dict(hidden)
+    for name, segs in zip(names, _segments_of(names, segments)):
+        base = offsets[segs[0]]
+        out[name] = take(hidden[name], 1, [(spans[j][0] - base, spans[j][1] - base) for j in segs])
+    return out
+
+
+def join(outputs: list[dict], names: tuple[str, ...], segments: list[int], spans: list[list]) -> dict:
+    """The patches' outputs of one block joined into the full hidden state, in token order."""
+    out = dict(outputs[0])
+    for name, segs in zip(names, _segments_of(names, segments)):
+        parts = []
+        for j in segs:  # segment by segment: its chunk from every patch
+            for p, o in enumerate(outputs):
+                before = sum(spans[p][i][1] - spans[p][i][0] for i in segs if i < j)
+                n = spans[p][j][1] - spans[p][j][0]
+                parts.append(o[name].narrow(1, before, n))
+        out[name] = torch.cat(parts, dim=1)
+    return out
+
+
+@dataclass
+class PatchCall:
+    """What one forward call of a stage does with patches on.
+
+    ``fill``: an exact pass that also stores every block's keys/values;
+    ``patch``: patch ``index`` of ``count``;
+    ``head``: last stage only, after the patches: the head on the joined ``outputs``."""
+    mode: str
+    branch: tuple = ()
+    index: int = 0
+    count: int = 1
+    outputs: list = field(default_factory=list)
+
+
+class PatchDone(BaseException):
+    """Raised on the last stage after the model's last block ran on a patch: its output."""
+
+    def __init__(self, out: dict):
+        super().__init__("patch done")
+        self.out = out
+
+
+def describe_support(family, diffusion_model) -> str | None:
+    """Why this model cannot run with patches (None: it can)."""
+    spec = getattr(family, "patches", None)
+    if spec is None or not all(bl.joint for bl in family.blocks):
+        return (f"patch pipelining has no entry for {family.name} yet (it runs Flux, Wan 2.1/2.2, Qwen-Image and "
+                f"HunyuanVideo): turn patches off")
+    if spec.classes:
+        name = f"{type(diffusion_model).__module__}:{type(diffusion_model).__name__}"
+        if name not in spec.classes:
+            return (f"patch pipelining cannot run {type(diffusion_model).__name__}: its blocks take per-token "
+                    f"extras that a patch would cut wrongly; it runs {', '.join(c.split(':')[1] for c in spec.classes)}"
+                    f". Turn patches off")
+    return None
+
+
+def check_inputs(family, diffusion_model, kwargs: dict) -> None:
+    """Refuse a pass whose inputs patches cannot cut (before any stage runs it)."""
+    for name, value, default in family.patches.unsupported_inputs:
+        if kwargs.get(name, getattr(diffusion_model, default, None)) == value and kwargs.get("ref_latents"):
+            raise PatchUnsupported(f"patch pipelining cannot run {family.name} with {name} '{value}' (its reference "
+                                   f"tokens get their own timestep inside each block): turn patches off")
+
+
+class KVCache:
+    """Per rank: each (block, branch) keys and values of the last pass, full length."""
+
+    def __init__(self):
+        self.kv: dict[tuple, tuple[torch.Tensor, torch.Tensor]] = {}
+
+    def bytes(self) -> int:
+        return sum(t.numel() * t.element_size() for kv in self.kv.values() for t in kv)
+
+    def clear(self) -> None:
+        self.kv.clear()
