@@ -299,7 +299,7 @@ def main(argv=None):
     # -- ratios ------------------------------------------------------------------------------
     pairs = {f"{key}_pp2_cfg1": ("stock_cfg1", "pp2_cfg1"), f"{key}_pp2_seqcfg": ("stock_cfg", "pp2_seqcfg"),
              f"{key}_pp2_patches_cfg1": ("stock_cfg1", "pp2_patches_cfg1"),
-             f"{key}_pp2_patches8_cfg1": ("stock_cfg1", "pp2_patches8_cfg1"),
+             **{f"{key}_pp2_patches{n}_cfg1": ("stock_cfg1", f"pp2_patches{n}_cfg1") for n in (2, 3, 6, 8, 12, 16)},
              f"{key}_pp2_patches_seqcfg": ("stock_cfg", "pp2_patches_seqcfg"),
              f"{key}_cfgpar2": ("stock_cfg", "cfgpar2"), f"{key}_pp2_b2_seqcfg": ("stock_b2_cfg", "pp2_b2_seqcfg")}
     for name, (s, p) in pairs.items():
@@ -361,8 +361,9 @@ def patch_variants(result, pp, pp_nodes, model_pp, group, spec, cfg_scale, steps
     log("PP KSampler with patch pipelining (approximate):")
     dev = result.setdefault("deviation", {})
     cache = result["extras"].setdefault("patch_cache_bytes_per_rank", {})
-    for label, c, count, exact in (("pp2_patches_cfg1", 1.0, 0, "pp2_cfg1"), ("pp2_patches8_cfg1", 1.0, 8, "pp2_cfg1"),
-                                   ("pp2_patches_seqcfg", cfg_scale, 0, "pp2_seqcfg")):
+    extra = [int(n) for n in os.environ.get("PP_BENCH_PATCH_COUNTS", "8").split(",") if n.strip()]
+    plan = [("pp2_patches_cfg1", 1.0, 0, "pp2_cfg1")] + [(f"pp2_patches{n}_cfg1", 1.0, n, "pp2_cfg1") for n in extra]
+    for label, c, count, exact in plan + [("pp2_patches_seqcfg", cfg_scale, 0, "pp2_seqcfg")]:
         settings = {"patches": count, "warmup_steps": 1}
         pp[label] = timed(lambda **k: run_pp(pp_nodes, model_pp, group, spec, k["cfg"], 1, k["steps"], seed, clock,
                                              k["label"], patches=settings), label, cfg=c, steps=steps)
