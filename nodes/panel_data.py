@@ -64,7 +64,18 @@ def status_view(groups: list[dict]) -> dict:
 
 # -- the timeline -----------------------------------------------------------------------
 def _mb_index(label: str) -> int | None:
-    m = re.search(r"\[(\d+)\]$", label or "") or re.match(r"^mb(\d+)$", label or "")
+    """Micro-batch index of a span label: "cond[1]", "mb1", or a patch "cond[0] p3/4" (the
+    patches of micro-batch i count as micro-batches i*M .. i*M+M-1)."""
+    m = re.search(r"\[(\d+)\](?: p(\d+)/(\d+))?$", label or "")
+    if m:
+        i = int(m.group(1))
+        return i * int(m.group(3)) + int(m.group(2)) - 1 if m.group(2) else i
+    m = re.match(r"^mb(\d+)$", label or "")
+    return int(m.group(1)) if m else None
+
+
+def _patch(label: str) -> int | None:
+    m = re.search(r" p(\d+)/\d+$", label or "")
     return int(m.group(1)) if m else None
 
 
@@ -177,6 +188,8 @@ def timeline_view(last_run: dict | None, max_steps: int = 3) -> dict:
                "t0": round(max(s["t0"], w0) - w0, 3), "t1": round(min(s["t1"], w1) - w0, 3)}
         if s["kind"] == "compute":
             bar["mb"], bar["branch"] = s["mb"], s["branch"]
+            if _patch(s["label"]) is not None:  # patch pipelining: which patch of its micro-batch
+                bar["patch"] = _patch(s["label"])
         bars.append(bar)
     bars.sort(key=lambda b: (b["rank"], b["t0"]))
     return {

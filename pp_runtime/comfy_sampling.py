@@ -402,7 +402,9 @@ class ComfyPipelineRunner:
                 if patch is None or patch.mode != "patch":
                     outs.append(out)
                     continue
-                pending.append(out)  # the last block's output for this patch
+                # The last block's output for this patch.  A copy: blocks that add in place (Flux's)
+                # return the received state's own buffer, which the next patches' receives reuse.
+                pending.append({k: v.clone() for k, v in out.items()})
                 if patch.index == patch.count - 1:  # ComfyUI's head on the patches joined
                     head = PatchCall("head", patch.branch, count=patch.count, outputs=pending)
                     outs.append(self._forward(kwm, opts, None, _label(b, i) + " head", head))

@@ -340,7 +340,8 @@ class WorkerGroup:
                           "pid": info.get("pid") if self.alive else None,
                           "stage": done.get("stage"), "pp_rank": done.get("pp_rank"), "cfg_rank": done.get("cfg_rank"),
                           "mem": done.get("mem") or info.get("mem"), "seconds": done.get("seconds"),
-                          "loaded": done.get("loaded"), "passes": done.get("passes"), "comfy": done.get("comfy")})
+                          "loaded": done.get("loaded"), "passes": done.get("passes"), "comfy": done.get("comfy"),
+                          "patch_pipelining": done.get("patch_pipelining")})
         step, total = self.progress if self.state == "running" and self.progress else (None, None)
         return {"devices": self.devices, "backend": self.backend, "state": self.state, "failure": self.failure,
                 "layout": last.get("layout"), "split": last.get("split"), "model": last.get("family"),

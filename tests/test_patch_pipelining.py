@@ -21,6 +21,7 @@ On a real 2-process worker group (gloo), PP KSampler's job with patches on:
 """
 from __future__ import annotations
 
+import dataclasses
 import tempfile
 
 import pytest
@@ -43,7 +44,11 @@ from test_staging import clone, recorded_calls  # noqa: E402
 
 SUPPORTED = ["flux1_dev", "flux1_kontext", "flux2", "chroma", "wan21_t2v", "wan21_i2v", "wan22_ti2v_5b",
              "hunyuan_video", "hunyuan_video15", "qwen_image", "qwen_image_edit"]
-E2E = ["flux1_dev", "wan21_t2v", "qwen_image", "hunyuan_video"]
+# Flux with 8 text and 64 image tokens: 4 patches of one shape, so the last rank's receive
+# buffers are reused within a pass (Flux's blocks add in place: a kept patch output that is
+# the receive buffer itself was overwritten by the third patch; measured rel-L2 0.57).
+E2E = {"flux1_dev": dict(latent=(1, 16, 16, 16), context=(8, 32)), "wan21_t2v": {}, "qwen_image": {},
+       "hunyuan_video": {}}
 E2E_BOUND = 0.15
 STEPS = 4
 
@@ -75,7 +80,7 @@ def test_patches_with_this_pass_cache_equal_the_forward(name):
             key = (0, 1)
             filled = _staged(stages, forwards, args, kwargs, PatchCall("fill", key))
             assert torch.equal(filled, ref)  # filling the cache changes nothing
-            for count in (2, 3):
+            for count in (2, 3, 4, 6):
                 diff = (_patched(stages, forwards, args, kwargs, key, count) - ref).abs().max().item()
                 assert diff <= 1e-5, f"{stages}, {count} patches: {diff}"
             # stale keys/values from a nearby input: a perturbation, not a breakage
@@ -91,7 +96,7 @@ def test_patches_with_this_pass_cache_equal_the_forward(name):
 
 def test_patch_ranges_give_every_patch_some_of_every_segment():
     spans = patch_ranges([6, 16], 4)
-    assert spans[0] == [(0, 2), (6, 10)] and spans[-1] == [(5, 6), (18, 22)]
+    assert spans[0] == [(0, 2), (6, 10)] and spans[-1] == [(4, 6), (18, 22)]
     covered = sorted(t for s in spans for a, b in s for t in range(a, b))
     assert covered == list(range(22))
     with pytest.raises(Exception, match="use at most 6 patches"):
@@ -120,9 +125,9 @@ def _run(group, *a, **k):
     return group.run(job, tensors, rank_tensors=rank_tensors)
 
 
-@pytest.mark.parametrize("name", E2E)
+@pytest.mark.parametrize("name", list(E2E))
 def test_exact_with_full_warmup_and_bounded_after(group, name):
-    case = zoo.BY_NAME[name]
+    case = dataclasses.replace(zoo.BY_NAME[name], **E2E[name])
     model, (pos, neg), lat = zoo.model(case), zoo.conditioning(case), zoo.latent(case)
     for cfg in (1.0, case.cfg):
         exact = _run(group, model, pos, neg, lat, cfg)["latents"]

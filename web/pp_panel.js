@@ -94,13 +94,15 @@ function renderGroup(g) {
     const memText = used != null ? `${fmtBytes(used)} / ${fmtBytes(total)}` : "—";
     const peak = mem.peak != null ? ` · peak ${fmtBytes(mem.peak)}` : "";
     const what = mem.kind === "cpu" ? "process RSS / RAM" : "device used / total";
+    const pf = r.patch_pipelining;  // approximate mode: its keys/values cache on this rank
+    const kv = pf ? ` · patches: ${pf.patched_passes} passes, KV cache ${fmtBytes(pf.cache_bytes)}` : "";
     return `<tr class="pp-rank-row" data-rank="${r.rank}">
       <td class="pp-rank-id"><span class="pp-dot" style="background:${STAGE_COLORS[(r.pp_rank ?? r.rank) % STAGE_COLORS.length]}"></span>${r.rank}</td>
       <td><div class="pp-dev">${esc(r.device)}</div><div class="pp-sub">${esc(r.name || "")}${r.pid ? ` · pid ${r.pid}` : ""}</div></td>
       <td class="pp-stage">${r.blocks ? esc(r.blocks) : "<span class='pp-sub'>no stage yet</span>"}
         ${r.pp_rank != null ? `<div class="pp-sub">stage ${r.pp_rank}${g.layout && g.layout.cfg > 1 ? `, cfg ${r.cfg_rank}` : ""}</div>` : ""}</td>
       <td class="pp-mem" title="${what}${esc(peak)}"><div class="pp-membar"><div style="width:${pct.toFixed(1)}%"></div></div>
-        <div class="pp-sub">${memText}${peak}</div></td>
+        <div class="pp-sub">${memText}${peak}${esc(kv)}</div></td>
     </tr>`;
   }).join("");
   const model = g.model ? `${esc(g.model)}${g.model_file ? ` <span class="pp-sub">${esc(g.model_file)}</span>` : ""}` : "<span class='pp-sub'>none placed yet</span>";
@@ -161,7 +163,9 @@ function renderTimeline(tl, width) {
     const dur = b.t1 - b.t0;
     const tip = `rank ${b.rank} · step ${b.step} · ${b.kind} ${b.label} · ${fmtMs(dur)}`;
     if (b.kind === "compute") {
-      svg += `<rect class="pp-bar pp-bar-compute" data-rank="${b.rank}" data-step="${b.step}" x="${x0.toFixed(2)}" y="${y(row) + 1}" width="${w.toFixed(2)}" height="${rowH - 2}" rx="2" fill="${barColor(b)}"><title>${esc(tip)}</title></rect>`;
+      // patches of one micro-batch: the branch's colour, lighter patch by patch, each outlined
+      const shade = b.patch ? ` fill-opacity="${(1 - 0.15 * ((b.patch - 1) % 4)).toFixed(2)}" stroke="#222" stroke-width="0.5"` : "";
+      svg += `<rect class="pp-bar pp-bar-compute" data-rank="${b.rank}" data-step="${b.step}"${b.patch ? ` data-patch="${b.patch}"` : ""} x="${x0.toFixed(2)}" y="${y(row) + 1}" width="${w.toFixed(2)}" height="${rowH - 2}" rx="2" fill="${barColor(b)}"${shade}><title>${esc(tip)}</title></rect>`;
     } else {
       svg += `<rect class="pp-bar pp-bar-wait" data-rank="${b.rank}" data-step="${b.step}" x="${x0.toFixed(2)}" y="${y(row) + 5}" width="${w.toFixed(2)}" height="${rowH - 10}" fill="url(#pp-hatch)"><title>${esc(tip)}</title></rect>`;
     }
