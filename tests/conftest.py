@@ -33,3 +33,20 @@ def cpu_group():
 # Tier 3: the one ComfyUI server of the session (a fixture defined here, so that every test
 # module shares it), and per-test wall times at the end of the run.
 from server_util import comfy_server, pytest_terminal_summary, release_server_groups  # noqa: E402,F401
+
+
+@pytest.fixture(autouse=True)
+def _server_test_timing(request):
+    """Tier 3 (test_server_* modules): wall time per test, listed at the end of the run."""
+    if not request.module.__name__.startswith("test_server"):
+        yield
+        return
+    import time
+    from server_util import TIMINGS
+    failed_before = request.session.testsfailed
+    t0 = time.monotonic()
+    yield
+    wall = time.monotonic() - t0
+    outcome = "failed" if request.session.testsfailed > failed_before else "passed"
+    TIMINGS.append((request.node.nodeid.split("::", 1)[-1], wall, outcome))
+    print(f"\n[{request.node.name}] {wall:.1f}s")

@@ -24,25 +24,13 @@ import time
 
 import pytest
 
-from server_util import TIMINGS, inputs, load_workflow, node_id
+from server_util import inputs, load_workflow, node_id
 
 TOL = 1e-4
 PP_NODES = ("PPWorkerGroup", "PPStageSplit", "PPCFGMode", "PPLoadDiffusionModel", "PPKSampler")
 
 WAN_T = 120      # seconds per Wan prompt (tiny model; includes a worker-group start)
 FLUX_T = 420     # seconds per Flux prompt (includes loading ~2 GB on 2 cores)
-
-
-@pytest.fixture(autouse=True)
-def _timing(request):
-    """Wall time per test, listed at the end of the run (conftest's terminal summary)."""
-    failed_before = request.session.testsfailed
-    t0 = time.monotonic()
-    yield
-    wall = time.monotonic() - t0
-    outcome = "failed" if request.session.testsfailed > failed_before else "passed"
-    TIMINGS.append((request.node.nodeid.split("::", 1)[-1], wall, outcome))
-    print(f"\n[{request.node.name}] {wall:.1f}s")
 
 
 @pytest.fixture(scope="module")

@@ -16,23 +16,15 @@ tested from files in ``test_server_e2e.py``.
 """
 from __future__ import annotations
 
-import time
 
 import pytest
 import torch
 
 import family_zoo as zoo
-from server_util import TIMINGS, run_ok_or_fail
+from server_util import run_ok_or_fail
 
 TOL = 1e-5  # relative L2 of the final latent
 STEPS = 2
-
-
-@pytest.fixture(autouse=True)
-def _timing(request):
-    t0 = time.monotonic()
-    yield
-    TIMINGS.append((request.node.nodeid.split("::", 1)[-1], time.monotonic() - t0, "done"))
 
 
 @pytest.fixture(scope="module")

@@ -20,17 +20,9 @@ import time
 import pytest
 import torch
 
-import family_zoo as zoo
-from server_util import TIMINGS
+
 
 WAN_T = 180
-
-
-@pytest.fixture(autouse=True)
-def _timing(request):
-    t0 = time.monotonic()
-    yield
-    TIMINGS.append((request.node.nodeid.split("::", 1)[-1], time.monotonic() - t0, "done"))
 
 
 @pytest.fixture(scope="module")

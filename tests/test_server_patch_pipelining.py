@@ -8,20 +8,12 @@ prompt's latent bit for bit; a model without a patch entry is refused with the r
 """
 from __future__ import annotations
 
-import time
 
 import pytest
 
-from server_util import TIMINGS, inputs, load_workflow, node_id
+from server_util import inputs, load_workflow, node_id
 
 STEPS = 4
-
-
-@pytest.fixture(autouse=True)
-def _timing(request):
-    t0 = time.monotonic()
-    yield
-    TIMINGS.append((request.node.nodeid.split("::", 1)[-1], time.monotonic() - t0, "done"))
 
 
 @pytest.fixture(scope="module")

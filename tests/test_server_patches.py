@@ -9,21 +9,13 @@
 """
 from __future__ import annotations
 
-import time
 
 import pytest
 import torch
 
-from server_util import TIMINGS, inputs, load_workflow, node_id, run_ok_or_fail
+from server_util import inputs, load_workflow, node_id, run_ok_or_fail
 
 TOL = 1e-5
-
-
-@pytest.fixture(autouse=True)
-def _timing(request):
-    t0 = time.monotonic()
-    yield
-    TIMINGS.append((request.node.nodeid.split("::", 1)[-1], time.monotonic() - t0, "done"))
 
 
 @pytest.fixture(scope="module")
