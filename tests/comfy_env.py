@@ -2,8 +2,8 @@
 
 ComfyUI is looked up in ``$COMFYUI_ROOT``, else in the folder two levels above this
 repository (the pack normally lives in ``<ComfyUI>/custom_nodes/<pack>``; in CI the
-repo and the ComfyUI tree are siblings under one parent, e.g. /work/main and
-/work/ComfyUI, so ``<parent>/ComfyUI`` is tried too).
+repo and a ComfyUI tree may be siblings under one parent, so ``<parent>/ComfyUI`` is tried
+too; ``.ci/run`` sets ``COMFYUI_ROOT`` to the tree it finds or unpacks).
 
 Usage in a test module::
 
