@@ -25,6 +25,8 @@ the CFG group) so both hold the full output.
 """
 from __future__ import annotations
 
+import functools
+import inspect
 import time
 
 import torch
@@ -246,15 +248,6 @@ def units(msg: dict, micro_batches: list) -> list:
     return out
 
 
-def step_index(options: dict) -> int | None:
-    """The sampling step of a model call: how many of the schedule's sigmas lie above its sigma."""
-    sigmas, schedule = (options or {}).get("sigmas"), (options or {}).get("sample_sigmas")
-    if not torch.is_tensor(sigmas) or not torch.is_tensor(schedule) or not sigmas.numel():
-        return None
-    sigma = float(sigmas.max())
-    return int((schedule.float() > sigma * (1 + 1e-5) + 1e-12).sum())
-
-
 def cat_outputs(outs: list):
     """Micro-batch outputs in row order: tensors, or LTX-2's [video, audio] lists."""
     if isinstance(outs[0], (list, tuple)):
@@ -271,6 +264,7 @@ class ComfyPipelineRunner:
         self.patch_count = int((patches or {}).get("count") or 0)
         self.patch_warmup = int((patches or {}).get("warmup") or 0)
         self.patched_passes = 0
+        self.step = 0  # last rank: the sampler's step (its callback counts them; no device sync)
         self._filled = None  # the last pass's shape: the caches hold its keys/values
         stage.forward.kv.clear()
         self.topo, self.p2p = ctx.topo, ctx.p2p
@@ -380,7 +374,7 @@ class ComfyPipelineRunner:
         size = n if self.batched else self.micro_batch_size
         sizes = [min(size, n - a) for a in range(0, n, size)]
         my_branch = [branch[r] for r in mine]
-        mode = self._patch_mode((rows_of_shape(x), tuple(sizes), tuple(my_branch)), options, kw)
+        mode = self._patch_mode((rows_of_shape(x), tuple(sizes), tuple(my_branch)), kw)
         msg = encode_pass(x, timestep, context, kw, sizes, my_branch, options, patches=mode)
         p2p, topo = self.p2p, self.topo
         if topo.pp_size > 1:
@@ -413,15 +407,14 @@ class ComfyPipelineRunner:
                 cancelled = True
         return (None, True) if cancelled else (cat_outputs(outs), False)
 
-    def _patch_mode(self, shape, options, kwargs) -> int:
+    def _patch_mode(self, shape, kwargs) -> int:
         """Patches for this pass (M), or -1 (exact, filling the caches), or 0 (patches off).
         Patched once the step reaches ``warmup`` and the previous pass had this pass's shape
         (its keys/values are in the caches); every pass leaves them filled for the next."""
         if self.patch_count < 2:
             return 0
         ready, self._filled = self._filled == shape, shape
-        step = step_index(options)
-        if ready and step is not None and step >= self.patch_warmup:
+        if ready and self.step >= self.patch_warmup:
             check_inputs(self.stage.forward.family, self.stage.forward.model, kwargs)
             self.patched_passes += 1
             return self.patch_count
@@ -524,11 +517,15 @@ class PipelineProxy(torch.nn.Module):
         return _pass_from_args(self.runner, type(real).forward, real, args, kwargs)
 
 
+@functools.lru_cache(maxsize=None)
+def _signature(function):
+    return inspect.signature(function)
+
+
 def _pass_from_args(runner, signature_of, real, args, kwargs):
     """Call ``runner.run_pass`` with a forward's arguments, named as ``signature_of`` names them
     (the first two are the input and the timestep, whatever a family calls them)."""
-    import inspect
-    signature = inspect.signature(signature_of)
+    signature = _signature(signature_of)
     bound = signature.bind(real, *args, **kwargs)
     params = list(bound.arguments.items())[1:]  # without self
     named = {}
@@ -602,6 +599,7 @@ def sample_on_last_rank(runner: ComfyPipelineRunner, stage: ComfyStage, job: dic
             noise = comfy.sample.prepare_noise(latent_image, s["seed"], job["latent"].get("batch_index"))
 
         def callback(step, x0, x, total_steps):
+            runner.step = step + 1  # the next model call belongs to the next step
             if runner.stop_agreed(should_stop()):
                 raise PipelineStopped("interrupted")
             on_step(step, total_steps, x0)

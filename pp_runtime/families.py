@@ -56,8 +56,9 @@ FAMILIES = (
            head=("norm_out", "proj_out"), modulation=("img_mod", "txt_mod"),
            patches=PatchSpec(positional=(("pe", 2),),
                              classes=("comfy.ldm.qwen_image.model:QwenImageTransformer2DModel",),
-                             unsupported_inputs=(("ref_latents_method", "index_timestep_zero",
-                                                  "default_ref_method"),))),
+                             unsupported_inputs=(("ref_latents_method", "index_timestep_zero", "default_ref_method",
+                                                  "ref_latents", "its reference tokens get their own timestep "
+                                                  "inside each block"),))),
     # comfy/ldm/lightricks/model.py, av_model.py (LTX-2: "img" is the (video, audio) pair)
     Family("LTXV", ("comfy.ldm.lightricks.model:LTXVModel",),
            (BlockList("transformer_blocks", "double_block", ("img",)),),

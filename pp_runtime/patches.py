@@ -38,9 +38,10 @@ class PatchSpec:
     self_attention: tuple[int, ...] = (0,)         # which attention calls of a block attend over the sequence
     unsupported_args: tuple[str, ...] = ()         # block arguments that must be None with patches on
     classes: tuple[str, ...] = ()                  # "module:Class": only these exact classes
-    # model inputs whose value (or, absent, the model's default attribute) patches cannot run:
-    # (input, value, default attribute), e.g. Qwen-Image Edit's timestep-zero reference tokens
-    unsupported_inputs: tuple[tuple[str, str, str], ...] = ()
+    # model inputs patches cannot run: (input, value, the model's attribute that gives the value
+    # when the input is absent, the input that must be present for it to matter, why), e.g.
+    # Qwen-Image Edit's reference tokens with their own timestep
+    unsupported_inputs: tuple[tuple[str, str, str, str, str], ...] = ()
 
 
 class PatchUnsupported(RuntimeError):
@@ -147,10 +148,10 @@ def describe_support(family, diffusion_model) -> str | None:
 
 def check_inputs(family, diffusion_model, kwargs: dict) -> None:
     """Refuse a pass whose inputs patches cannot cut (before any stage runs it)."""
-    for name, value, default in family.patches.unsupported_inputs:
-        if kwargs.get(name, getattr(diffusion_model, default, None)) == value and kwargs.get("ref_latents"):
-            raise PatchUnsupported(f"patch pipelining cannot run {family.name} with {name} '{value}' (its reference "
-                                   f"tokens get their own timestep inside each block): turn patches off")
+    for name, value, default, present, why in family.patches.unsupported_inputs:
+        if kwargs.get(present) is not None and kwargs.get(name, getattr(diffusion_model, default, None)) == value:
+            raise PatchUnsupported(f"patch pipelining cannot run {family.name} with {name} '{value}' ({why}): "
+                                   f"turn patches off")
 
 
 class KVCache:

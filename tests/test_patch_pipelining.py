@@ -38,7 +38,7 @@ from pp_runtime.comfy_job import prepare_comfy_job  # noqa: E402
 from pp_runtime.families import family_for  # noqa: E402
 from pp_runtime.group import WorkerGroup  # noqa: E402
 from pp_runtime.jobs import JobError  # noqa: E402
-from pp_runtime.patches import PatchCall, describe_support, patch_ranges  # noqa: E402
+from pp_runtime.patches import PatchCall, PatchUnsupported, check_inputs, describe_support, patch_ranges  # noqa: E402,E501
 from pp_runtime.staging import StageForward, block_modules  # noqa: E402
 from test_staging import clone, recorded_calls  # noqa: E402
 
@@ -101,6 +101,18 @@ def test_patch_ranges_give_every_patch_some_of_every_segment():
     assert covered == list(range(22))
     with pytest.raises(Exception, match="use at most 6 patches"):
         patch_ranges([6, 16], 7)
+
+
+def test_qwen_timestep_zero_references_are_refused():
+    """Qwen-Image Edit's references with their own timestep: each block cuts its tokens at an
+    index that a patch does not have, so such a pass is refused (other methods run)."""
+    dm = zoo.model(zoo.BY_NAME["qwen_image_edit"]).model.diffusion_model
+    fam = family_for(dm)
+    ref = [torch.zeros(1, 16, 1, 6, 10)]
+    with pytest.raises(PatchUnsupported, match="ref_latents_method 'index_timestep_zero'.*turn patches off"):
+        check_inputs(fam, dm, {"ref_latents": ref, "ref_latents_method": "index_timestep_zero"})
+    check_inputs(fam, dm, {"ref_latents": ref, "ref_latents_method": "index"})
+    check_inputs(fam, dm, {"ref_latents_method": "index_timestep_zero"})  # no references: nothing to cut
 
 
 # -- on a worker group ---------------------------------------------------------------------

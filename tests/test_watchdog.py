@@ -85,45 +85,39 @@ def test_stuck_worker_is_found_without_cancel(wan, monkeypatch):
         group.shutdown()
 
 
+def _signal_at_step_1(wan, rank, sig):
+    """Run a long job on a fresh group, send ``sig`` to ``rank`` after step 1: (the error, the
+    seconds from the signal to the error)."""
+    group = WorkerGroup("cpu,cpu", cpu_threads=1, extra_paths=[str(COMFY_ROOT)])
+    try:
+        job, t, rt = _job(wan, 400)
+        sent = []
+
+        def on_step(i, n, x):
+            if i == 1 and not sent:
+                os.kill(group.pids[rank], sig)
+                sent.append(time.monotonic())
+        with pytest.raises(WorkerError) as err:
+            group.run(job, t, rank_tensors=rt, on_step=on_step)
+        return err.value, time.monotonic() - sent[0]
+    finally:
+        group.shutdown()
+
+
 def test_stopped_worker_without_cancel(wan, monkeypatch):
     """SIGSTOP: the worker's heartbeat stops; after PP_SILENT_S the job fails naming it."""
     monkeypatch.setenv("PP_SILENT_S", "4")
-    group = WorkerGroup("cpu,cpu", cpu_threads=1, extra_paths=[str(COMFY_ROOT)])
-    try:
-        job, t, rt = _job(wan, 400)
-        stopped = []
-
-        def on_step(i, n, x):
-            if i == 1 and not stopped:
-                os.kill(group.pids[0], signal.SIGSTOP)
-                stopped.append(time.monotonic())
-        with pytest.raises(WorkerError) as err:
-            group.run(job, t, rank_tensors=rt, on_step=on_step)
-        took = time.monotonic() - stopped[0]
-        print(f"[sigstop] {took:.1f} s: {err.value}")
-        assert err.value.rank == 0 and "no heartbeat" in str(err.value) and took < 10
-    finally:
-        group.shutdown()
+    err, took = _signal_at_step_1(wan, 0, signal.SIGSTOP)
+    print(f"[sigstop] {took:.1f} s: {err}")
+    assert err.rank == 0 and "no heartbeat" in str(err) and took < 10
 
 
 def test_killed_worker_message_is_the_cause_not_its_log(wan):
-    group = WorkerGroup("cpu,cpu", cpu_threads=1, extra_paths=[str(COMFY_ROOT)])
-    try:
-        job, t, rt = _job(wan, 400)
-        killed = []
-
-        def on_step(i, n, x):
-            if i == 1 and not killed:
-                os.kill(group.pids[1], signal.SIGKILL)
-                killed.append(1)
-        with pytest.raises(WorkerError) as err:
-            group.run(job, t, rank_tensors=rt, on_step=on_step)
-        text = str(err.value)
-        print(f"[sigkill] {text}")
-        assert text.startswith("pipeline worker rank 1 (cpu) failed: was killed by signal SIGKILL")
-        assert "|" not in text and "\n" not in text  # one line: no log lines glued on
-    finally:
-        group.shutdown()
+    err, _ = _signal_at_step_1(wan, 1, signal.SIGKILL)
+    text = str(err)
+    print(f"[sigkill] {text}")
+    assert text.startswith("pipeline worker rank 1 (cpu) failed: was killed by signal SIGKILL")
+    assert "|" not in text and "\n" not in text  # one line: no log lines glued on
 
 
 def test_exception_message_names_the_frame(wan):
