@@ -178,9 +178,31 @@ def run_pp(pp_nodes, model, group, spec, cfg, batch, steps, seed, clock, label, 
                   "sent_bytes": host.get("sent_bytes")}
     return out, summarize(label, t0, t1, steps, clock.times, {
         "split": last.get("split"), "layout": last.get("layout"), "phases": phases,
+        "timeline": timeline_summary(last.get("spans") or [], len(ranks)),
         "peak_bytes_per_rank": [(r.get("mem") or {}).get("peak") for r in ranks],
         "patch_pipelining": [r.get("patch_pipelining") for r in ranks] if patches else None,
         "loaded": [r.get("loaded") for r in ranks]})
+
+
+def timeline_summary(all_spans, world) -> list:
+    """Per rank, the middle pass of the run: its length on the GPU, the time in compute spans,
+    the host time issuing them (``cpu_ms`` >= ``compute_ms``: the GPU waited on the CPU) and
+    the time waiting for the previous stage."""
+    out = []
+    for rank in range(world):
+        spans = [s for s in all_spans if s.get("rank") == rank]
+        passes = sorted({s["step"] for s in spans if s["kind"] == "compute"})
+        if not passes:
+            out.append(None)
+            continue
+        mid = [s for s in spans if s["step"] == passes[len(passes) // 2]]
+        comp = [s for s in mid if s["kind"] == "compute"]
+        out.append({"pass": passes[len(passes) // 2], "spans": len(comp),
+                    "pass_ms": round(max(s["t1_ms"] for s in mid) - min(s["t0_ms"] for s in mid), 2),
+                    "compute_ms": round(sum(s["t1_ms"] - s["t0_ms"] for s in comp), 2),
+                    "cpu_ms": round(sum(s.get("cpu_ms", 0) for s in comp), 2),
+                    "wait_ms": round(sum(s["t1_ms"] - s["t0_ms"] for s in mid if s["kind"] == "wait"), 2)})
+    return out
 
 
 def worker_log_leaks(group) -> int:
@@ -248,10 +270,15 @@ def main(argv=None):
     V = result["variants"]
     wanted = set(args.variants.split(","))
     key = "flux" if args.model == "flux" else "wan14b"
+    P = f"pp{world}"  # every GPU one stage; CP: CFG-parallel, 2 pipelines of world/2 stages
+    CP = "cfgpar2" if world == 2 else f"pp{world // 2}xcfg2"
     seed = 3
 
     def timed(fn, label, *a, **k):
-        fn(*a, **{**k, "steps": 2, "label": label + " (warm-up)"})  # placed / loaded, kernels warm
+        # placed / loaded, kernels warm; with patches the same steps as the timed prompt: its
+        # CUDA graphs are captured then (a graph's key holds the sampler's sigmas: their count)
+        # and the timed prompt is a later prompt of the same workflow
+        fn(*a, **{**k, "steps": k["steps"] if "patches" in label else 2, "label": label + " (warm-up)"})
         out = None
         runs = []
         for _ in range(args.repeat):
@@ -281,37 +308,39 @@ def main(argv=None):
         log(f"PP KSampler ({args.pack_root}) on {devices}:")
         model_pp = cb.load_on_disk(path)
         group = {"devices": devices.split(","), "backend": "local", "residency": "keep", "memory_cap_gb": ""}
-        plan = [("pp2_cfg1", 1.0, 1, "balanced", "sequential"), ("pp2_seqcfg", cfg_scale, 1, "balanced", "sequential"),
-                ("cfgpar2", cfg_scale, 1, "balanced", "cfg_parallel"), ("pp2_b2_seqcfg", cfg_scale, 2, "balanced",
-                                                                        "sequential"),
-                ("pp2_seqcfg_by_memory", cfg_scale, 1, "by_memory", "sequential")]
+        plan = [(f"{P}_cfg1", 1.0, 1, "balanced", "sequential"), (f"{P}_seqcfg", cfg_scale, 1, "balanced", "sequential"),
+                (CP, cfg_scale, 1, "balanced", "cfg_parallel"), (f"{P}_b2_seqcfg", cfg_scale, 2, "balanced",
+                                                                  "sequential"),
+                (f"{P}_seqcfg_by_memory", cfg_scale, 1, "by_memory", "sequential")]
         if args.only_pp or not core:
-            plan = plan[:2]
+            plan = plan[:3] if world >= 4 else plan[:2]  # PP2 x CFG2: the exact reference of its patches
         for label, c, b, split, mode in plan:
             pp[label] = timed(lambda **k: run_pp(pp_nodes, model_pp, group, spec, k["cfg"], k["batch"], k["steps"], seed,
                                                  clock, k["label"], split=k["split"], mode=k["mode"]),
                               label, cfg=c, batch=b, split=split, mode=mode, steps=steps)
         if "patches" in wanted:
-            patch_variants(result, pp, pp_nodes, model_pp, group, spec, cfg_scale, steps, seed, clock, key, timed)
+            patch_variants(result, pp, pp_nodes, model_pp, group, spec, cfg_scale, steps, seed, clock, P, CP, timed)
         from pack.pp_runtime.group import shared_group
         result["extras"]["worker_log_memory_leak_lines"] = worker_log_leaks(shared_group(group["devices"]))
 
     # -- ratios ------------------------------------------------------------------------------
-    pairs = {f"{key}_pp2_cfg1": ("stock_cfg1", "pp2_cfg1"), f"{key}_pp2_seqcfg": ("stock_cfg", "pp2_seqcfg"),
-             f"{key}_pp2_patches_cfg1": ("stock_cfg1", "pp2_patches_cfg1"),
-             **{f"{key}_pp2_patches{n}_cfg1": ("stock_cfg1", f"pp2_patches{n}_cfg1") for n in (2, 3, 6, 8, 12, 16)},
-             f"{key}_pp2_patches_seqcfg": ("stock_cfg", "pp2_patches_seqcfg"),
-             f"{key}_cfgpar2": ("stock_cfg", "cfgpar2"), f"{key}_pp2_b2_seqcfg": ("stock_b2_cfg", "pp2_b2_seqcfg")}
+    pairs = {f"{key}_{P}_cfg1": ("stock_cfg1", f"{P}_cfg1"), f"{key}_{P}_seqcfg": ("stock_cfg", f"{P}_seqcfg"),
+             f"{key}_{P}_patches_cfg1": ("stock_cfg1", f"{P}_patches_cfg1"),
+             **{f"{key}_{P}_patches{n}_cfg1": ("stock_cfg1", f"{P}_patches{n}_cfg1") for n in (2, 3, 4, 6, 8, 12, 16)},
+             f"{key}_{P}_patches_seqcfg": ("stock_cfg", f"{P}_patches_seqcfg"),
+             **{f"{key}_{P}_patches{n}_seqcfg": ("stock_cfg", f"{P}_patches{n}_seqcfg") for n in (2, 3, 4, 6, 8, 12)},
+             f"{key}_{CP}": ("stock_cfg", CP), f"{key}_{CP}_patches": ("stock_cfg", f"{CP}_patches"),
+             f"{key}_{P}_b2_seqcfg": ("stock_b2_cfg", f"{P}_b2_seqcfg")}
     for name, (s, p) in pairs.items():
         if s in V and p in V:
             result["ratios"][name] = V[s]["wall_s"] / V[p]["wall_s"]
             result["ratios"][name + "_steady"] = V[s]["steady_step_s"] / V[p]["steady_step_s"]
             result["overhead_ms"][p] = (V[p]["overhead_s"] - V[s]["overhead_s"]) * 1e3
             result["rel_l2"][p] = rel_l2(pp.get(p), stock.get(s))
-    if "pp2_seqcfg_by_memory" in V and "stock_cfg" in V and V["stock_cfg"].get("peak_bytes"):
-        peaks = [x for x in V["pp2_seqcfg_by_memory"]["peak_bytes_per_rank"] if x]
+    if f"{P}_seqcfg_by_memory" in V and "stock_cfg" in V and V["stock_cfg"].get("peak_bytes"):
+        peaks = [x for x in V[f"{P}_seqcfg_by_memory"]["peak_bytes_per_rank"] if x]
         if peaks:
-            result["ratios"][f"mem_{key}_pp2_by_memory"] = max(peaks) / V["stock_cfg"]["peak_bytes"]
+            result["ratios"][f"mem_{key}_{P}_by_memory"] = max(peaks) / V["stock_cfg"]["peak_bytes"]
 
     # -- the same PP variants with an older tree of the pack (staging regression check) --------
     if args.legacy_tree and "legacy" in wanted:
@@ -354,25 +383,33 @@ def main(argv=None):
 
 
 # -- patch pipelining (approximate, opt-in) -------------------------------------------------------
-def patch_variants(result, pp, pp_nodes, model_pp, group, spec, cfg_scale, steps, seed, clock, key, timed):
-    """PP2 with patches (M = 2 x stages = 4, and 8) at cfg 1 and sequential CFG, warm-up 1, timed
-    like the exact variants; the deviation: rel-L2 of the final latent against exact PP at
-    warm-up 1, 2 and 4 (random weights: a proxy for a real model's); the keys/values cache."""
+def patch_variants(result, pp, pp_nodes, model_pp, group, spec, cfg_scale, steps, seed, clock, P, CP, timed):
+    """PP with patches (M = 2 x stages, and ``PP_BENCH_PATCH_COUNTS``, default 8) at cfg 1 and
+    sequential CFG, and CFG-parallel with patches on 4+ GPUs, warm-up 1, timed like the exact
+    variants; the deviation: rel-L2 of the final latent against exact PP at warm-up 1, 2 and 4
+    (random weights: a proxy for a real model's); the keys/values cache per rank."""
     log("PP KSampler with patch pipelining (approximate):")
     dev = result.setdefault("deviation", {})
     cache = result["extras"].setdefault("patch_cache_bytes_per_rank", {})
     extra = [int(n) for n in os.environ.get("PP_BENCH_PATCH_COUNTS", "8").split(",") if n.strip()]
-    plan = [("pp2_patches_cfg1", 1.0, 0, "pp2_cfg1")] + [(f"pp2_patches{n}_cfg1", 1.0, n, "pp2_cfg1") for n in extra]
-    for label, c, count, exact in plan + [("pp2_patches_seqcfg", cfg_scale, 0, "pp2_seqcfg")]:
+    seq_extra = [int(n) for n in os.environ.get("PP_BENCH_SEQCFG_PATCH_COUNTS", "").split(",") if n.strip()]
+    plan = [(f"{P}_patches_cfg1", 1.0, 0, f"{P}_cfg1", "sequential")]
+    plan += [(f"{P}_patches{n}_cfg1", 1.0, n, f"{P}_cfg1", "sequential") for n in extra]
+    plan += [(f"{P}_patches_seqcfg", cfg_scale, 0, f"{P}_seqcfg", "sequential")]
+    plan += [(f"{P}_patches{n}_seqcfg", cfg_scale, n, f"{P}_seqcfg", "sequential") for n in seq_extra]
+    if CP in pp:  # 2 pipelines of 2+ stages
+        plan += [(f"{CP}_patches", cfg_scale, 0, CP, "cfg_parallel")]
+    for label, c, count, exact, mode in plan:
         settings = {"patches": count, "warmup_steps": 1}
         pp[label] = timed(lambda **k: run_pp(pp_nodes, model_pp, group, spec, k["cfg"], 1, k["steps"], seed, clock,
-                                             k["label"], patches=settings), label, cfg=c, steps=steps)
+                                             k["label"], mode=mode, patches=settings), label, cfg=c, steps=steps)
         cache[label] = [(r or {}).get("cache_bytes") for r in result["variants"][label]["patch_pipelining"]]
         dev[f"{label}_warmup1"] = rel_l2(pp[label], pp.get(exact))
-        if count == 0:
-            for w in (2, 4):
-                out, _ = run_pp(pp_nodes, model_pp, group, spec, c, 1, steps, seed, clock, f"{label} warm-up {w}",
-                                patches={"patches": 0, "warmup_steps": w})
+        if count == 0 and os.environ.get("PP_BENCH_WARMUPS", "2,4"):
+            for w in [int(n) for n in os.environ.get("PP_BENCH_WARMUPS", "2,4").split(",")]:
+                out, result["variants"][f"{label}_warmup{w}"] = run_pp(
+                    pp_nodes, model_pp, group, spec, c, 1, steps, seed, clock, f"{label} warm-up {w}", mode=mode,
+                    patches={"patches": 0, "warmup_steps": w})
                 dev[f"{label}_warmup{w}"] = rel_l2(out, pp.get(exact))
     dev["note"] = ("rel-L2 of the final latent against exact PP (same split, same run); random full-size weights, "
                    "so a proxy for a trained model's deviation")

@@ -153,8 +153,9 @@ class PPPatchPipelining:
     @classmethod
     def INPUT_TYPES(cls):
         return {"required": {
-            "patches": ("INT", {"default": 0, "min": 0, "max": 64, "tooltip": "Patches per step (0: twice the "
-                               "number of pipeline stages). More patches: more overlap, smaller kernels."}),
+            "patches": ("INT", {"default": 0, "min": 0, "max": 64, "tooltip": "Patches per step (0: automatic, "
+                               "about 1024 tokens a patch, at most twice the pipeline stages). More patches: more "
+                               "overlap, smaller kernels."}),
             "warmup_steps": ("INT", {"default": 1, "min": 1, "max": 10000, "tooltip": "Exact steps first (they "
                                     "also fill the keys/values the patches reuse). More: closer to exact."}),
         }}

@@ -71,10 +71,10 @@ def plan_patch_pipelining(settings: dict | None, diffusion_model, pp: int) -> di
         raise JobError("patch pipelining overlaps the stages of a pipeline: it needs at least 2 stages (this layout "
                        "has 1: CFG-parallel on 2 GPUs gives each branch its own 1-stage pipeline); use cfg_mode "
                        "sequential, more GPUs, or turn patches off")
-    count = int(settings.get("patches") or 0) or 2 * pp
+    count = int(settings.get("patches") or 0)  # 0: from the token count, on the workers
     warmup = int(settings.get("warmup_steps", 1))
-    if count < 2:
-        raise JobError(f"patches {count}: use 2 or more (0: twice the stages, {2 * pp})")
+    if count == 1 or count < 0:
+        raise JobError(f"patches {count}: use 2 or more (0: chosen from the token count, at most {2 * pp})")
     if warmup < 1:
         raise JobError("warmup_steps must be at least 1: the first step fills the keys/values the patches reuse")
     return {"count": count, "warmup": warmup}

@@ -37,7 +37,7 @@ from . import sampling_patches
 from .comm import PipelineStopped
 from .families import family_for
 from .jobs import Split
-from .patches import PatchCall, check_inputs
+from .patches import PatchCall, auto_count, check_inputs
 from .staging import StageCancelled, StageForward, stage_prefixes
 from .timeline import Timeline
 
@@ -97,6 +97,7 @@ class ComfyStage:
             comfy.utils.set_attr_param(self.base, name, p.data.to(where))
         self.backup = {k: v.to(where) for k, v in self.backup.items()}
         self.where = torch.device(where)
+        self.forward.graphs.clear()  # captured patch calls read the weights where they were
 
     def apply_patches(self, job: dict, tensors: dict) -> bool:
         """Weight patches (LoRA) for this stage's keys, with ComfyUI's own patch math.
@@ -120,6 +121,7 @@ class ComfyStage:
                 patcher.patch_weight_to_device(key, device_to=self.device)
             self.backup = {k: v.weight for k, v in patcher.backup.items()}
         self.patches_id = job.get("patches_id", "")
+        self.forward.graphs.clear()  # new weight tensors
         return True
 
 
@@ -260,13 +262,15 @@ class ComfyPipelineRunner:
     def __init__(self, ctx, stage: ComfyStage, micro_batch_size: int = 1, batched: bool = False,
                  cancelled=None, options: dict | None = None, on_block=None, patches: dict | None = None):
         self.ctx, self.stage = ctx, stage
-        # Patch pipelining (opt-in): M patches per pass after `warmup` exact steps.
+        # Patch pipelining (opt-in): M patches per pass after `warmup` exact steps (M 0: from the
+        # token count, ``patches.auto_count``).
+        self.patches_on = bool(patches)
         self.patch_count = int((patches or {}).get("count") or 0)
         self.patch_warmup = int((patches or {}).get("warmup") or 0)
         self.patched_passes = 0
         self.step = 0  # last rank: the sampler's step (its callback counts them; no device sync)
         self._filled = None  # the last pass's shape: the caches hold its keys/values
-        stage.forward.kv.clear()
+        stage.forward.begin_job(self.patches_on)
         self.topo, self.p2p = ctx.topo, ctx.p2p
         self.micro_batch_size = micro_batch_size
         self.batched = batched
@@ -411,13 +415,13 @@ class ComfyPipelineRunner:
         """Patches for this pass (M), or -1 (exact, filling the caches), or 0 (patches off).
         Patched once the step reaches ``warmup`` and the previous pass had this pass's shape
         (its keys/values are in the caches); every pass leaves them filled for the next."""
-        if self.patch_count < 2:
+        if not self.patches_on:
             return 0
         ready, self._filled = self._filled == shape, shape
         if ready and self.step >= self.patch_warmup:
             check_inputs(self.stage.forward.family, self.stage.forward.model, kwargs)
             self.patched_passes += 1
-            return self.patch_count
+            return self.patch_count or auto_count(self.stage.forward.tokens, self.topo.pp_size)
         return -1
 
     def _exchange(self, rows, branch, mine, out_mine):

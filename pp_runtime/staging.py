@@ -32,6 +32,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from .graphs import PatchGraphs
 from .patches import KVCache, PatchDone, PatchSpec, PatchUnsupported, cut, join, patch_ranges, take
 
 
@@ -236,6 +237,8 @@ class StageForward:
         self.blocks = block_modules(model, family)
         self.n_blocks = len(self.blocks)
         self.kv = KVCache()  # patch pipelining: this stage's blocks' keys/values of the last pass
+        self.graphs = PatchGraphs()  # patch pipelining: patch calls captured as CUDA graphs
+        self.tokens = 0  # the joint sequence's length in the last pass with patches on
         self.offsets: dict[str, int] = {}
         g = 0
         for bl in family.blocks:
@@ -252,6 +255,33 @@ class StageForward:
         model output.  ``patch`` (a ``patches.PatchCall``): patch pipelining; on the last
         stage a patch returns the last block's output, and the ``head`` call after the
         patches the model output."""
+        if patch is not None and patch.mode in ("patch", "head"):
+            if self.kv.prune():  # graphs of an earlier job may read what was dropped
+                self.graphs.clear()
+            return self.graphs(self._call, args, kwargs, state_in, patch, self._before_replay)
+        return self._call(args, kwargs, state_in, patch)
+
+    def begin_job(self, patches: bool) -> None:
+        """Patches off: drop the cache and graphs; on: keep them for this job's shapes (its first
+        pass refills the cache in place, so captured patch calls stay valid)."""
+        if patches:
+            self.kv.begin()
+        else:
+            self.forget()
+
+    def forget(self) -> None:
+        """Drop the keys/values cache and the graphs that read it (patches off, weights moved)."""
+        self.kv.clear()
+        self.graphs.clear()
+
+    def _before_replay(self) -> None:
+        """What a replayed patch call does before its first block, as an eager one does."""
+        if self.cancelled():
+            raise StageCancelled()
+        if self.on_block is not None:
+            self.on_block(self.start)
+
+    def _call(self, args: tuple, kwargs: dict, state_in: dict | None = None, patch=None):
         head = patch is not None and patch.mode == "head"
         if not head and (state_in is None) != self.first:
             raise StagingError("the first stage takes no hidden state; every other stage needs one")
@@ -286,7 +316,7 @@ class StageForward:
         if patch is not None and p.segments is None:  # the first block the forward reaches (all ranks
             names = self.list_at[g].joint               # pass it through, full size): the segments
             p.segments = [hidden[n].shape[1] for n in names] if len(names) > 1 else [hidden[names[0]].shape[1]]
-            p.total = sum(p.segments)
+            p.total = self.tokens = sum(p.segments)
             if patch.mode == "patch":
                 p.spans = patch_ranges(p.segments, patch.count)[patch.index]
         if patch is not None and patch.mode == "head":  # every block passed through; the last
@@ -341,7 +371,8 @@ class StageForward:
             dim = 2 if kwargs.get("skip_reshape") else 1
             key = (p.block, p.patch.branch)
             if p.patch.mode == "fill":
-                self.kv.kv[key] = (k.detach().clone(), v.detach().clone())
+                if self.kv.store(key, k, v):  # a new shape: graphs read the old tensors
+                    self.graphs.clear()
                 return inner(*args, **kwargs)
             mask = kwargs.get("mask", args[4] if len(args) > 4 else None)
             if mask is not None and any(s != 1 for s in mask.shape[:-1]):

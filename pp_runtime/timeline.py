@@ -2,7 +2,8 @@
 
 On CPU a span is two ``perf_counter`` readings.  On CUDA it is two events on the
 current stream, read back only once they have completed, so recording never
-synchronises the device inside a step.
+synchronises the device inside a step; ``cpu_ms`` is how long the host took to issue it
+(a compute span whose ``cpu_ms`` reaches its length: the GPU waited on the CPU).
 """
 from __future__ import annotations
 
@@ -29,10 +30,11 @@ class Timeline:
     def span(self, kind: str, label: str):
         if self.cuda:
             a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            c = time.perf_counter()
             a.record()
             yield
             b.record()
-            self._open.append((kind, label, self.step, a, b))
+            self._open.append((kind, label, self.step, a, b, (time.perf_counter() - c) * 1e3))
         else:
             a = time.perf_counter()
             yield
@@ -46,13 +48,14 @@ class Timeline:
     def take(self, wait: bool = False) -> list[dict]:
         """Completed spans since the last call (``wait``: all of them, syncing CUDA)."""
         still_open = []
-        for kind, label, step, a, b in self._open:
+        for kind, label, step, a, b, cpu in self._open:
             if wait:
                 b.synchronize()
             if b.query():
-                self.spans.append(self._row(kind, label, step, self._e0.elapsed_time(a), self._e0.elapsed_time(b)))
+                row = self._row(kind, label, step, self._e0.elapsed_time(a), self._e0.elapsed_time(b))
+                self.spans.append({**row, "cpu_ms": round(cpu, 4)})
             else:
-                still_open.append((kind, label, step, a, b))
+                still_open.append((kind, label, step, a, b, cpu))
         self._open = still_open
         out, self.spans = self.spans, []
         return out

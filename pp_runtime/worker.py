@@ -264,7 +264,10 @@ class Worker:
                 "seconds": time.perf_counter() - t_start, "spans": runner.timeline.take(wait=True),
                 "stage": list(stage.range), "pp_rank": topo.pp_rank, "cfg_rank": topo.cfg_rank,
                 "passes": runner.passes, "patched": patched,
-                "patch_pipelining": {"patched_passes": runner.patched_passes, "cache_bytes": stage.forward.kv.bytes()}
+                "patch_pipelining": {"patched_passes": runner.patched_passes, "cache_bytes": stage.forward.kv.bytes(),
+                                     "graphs": len(stage.forward.graphs.graphs),
+                                     "graph_replays": stage.forward.graphs.replays,
+                                     "graphs_failed": stage.forward.graphs.failed}
                 if job.get("patch_pipelining") else None, "comfy": comfy_runtime(),
                 "bytes_read": stage.bytes_read if info["loaded"] else 0,
                 "load_peak_growth": stage.load_peak_growth if info["loaded"] else 0, "mem": mem_info(self.device), "clock0_ms": runner.timeline._t0 * 1e3}

@@ -38,7 +38,8 @@ from pp_runtime.comfy_job import prepare_comfy_job  # noqa: E402
 from pp_runtime.families import family_for  # noqa: E402
 from pp_runtime.group import WorkerGroup  # noqa: E402
 from pp_runtime.jobs import JobError  # noqa: E402
-from pp_runtime.patches import PatchCall, PatchUnsupported, check_inputs, describe_support, patch_ranges  # noqa: E402,E501
+from pp_runtime.patches import (PatchCall, PatchUnsupported, auto_count, check_inputs, describe_support,  # noqa: E402
+                                patch_ranges)
 from pp_runtime.staging import StageForward, block_modules  # noqa: E402
 from test_staging import clone, recorded_calls  # noqa: E402
 
@@ -94,6 +95,38 @@ def test_patches_with_this_pass_cache_equal_the_forward(name):
             assert dev < 0.5 * change
 
 
+def test_automatic_patch_count_follows_the_token_count(group):
+    """patches 0: about 1024 tokens a patch, at most twice the stages, at least 2 (Flux 1024²:
+    4608 tokens -> 4 on 2 and on 4 GPUs, where 8 were measured slower; tiny models: 2)."""
+    assert [auto_count(n, 2) for n in (72, 2047, 2048, 4608, 14552)] == [2, 2, 2, 4, 4]
+    assert [auto_count(n, 4) for n in (4608, 14552)] == [4, 8]
+    case = dataclasses.replace(zoo.BY_NAME["flux1_dev"], **E2E["flux1_dev"])
+    model, (pos, neg), lat = zoo.model(case), zoo.conditioning(case), zoo.latent(case)
+    res = _run(group, model, pos, neg, lat, 1.0, {"patches": 0, "warmup_steps": 1})
+    labels = {s["label"] for s in res["spans"] if s["kind"] == "compute"}
+    assert {"cond[0] p1/2", "cond[0] p2/2"} <= labels and not any("/4" in x for x in labels), labels
+
+
+def test_the_cache_is_refilled_in_place_and_pruned_per_job():
+    """Captured patch calls (CUDA graphs, ``graphs.py``) read the cache's own tensors: a fill of
+    the same shape must write into them (a new tensor would leave a graph reading freed memory),
+    a new shape makes new ones (and the stage drops its graphs); what a job did not fill again
+    (another CFG branch of an earlier job) is dropped at its first patch."""
+    from pp_runtime.patches import KVCache
+    kv = KVCache()
+    k, v = torch.randn(1, 8, 4), torch.randn(1, 8, 4)
+    assert kv.store((0, (0,)), k, v) is True
+    held = kv.kv[(0, (0,))]
+    assert kv.store((0, (0,)), k + 1, v + 1) is False
+    assert kv.kv[(0, (0,))][0] is held[0] and torch.equal(held[0], k + 1)
+    assert kv.store((0, (0,)), torch.randn(1, 9, 4), torch.randn(1, 9, 4)) is True
+    kv.store((0, (1,)), k, v)
+    kv.begin()  # the next job fills only branch (0,)
+    kv.store((0, (0,)), torch.randn(1, 9, 4), torch.randn(1, 9, 4))
+    assert kv.prune() is True and list(kv.kv) == [(0, (0,))]
+    assert kv.prune() is False  # once per job
+
+
 def test_patch_ranges_give_every_patch_some_of_every_segment():
     spans = patch_ranges([6, 16], 4)
     assert spans[0] == [(0, 2), (6, 10)] and spans[-1] == [(4, 6), (18, 22)]
@@ -143,11 +176,11 @@ def test_exact_with_full_warmup_and_bounded_after(group, name):
     model, (pos, neg), lat = zoo.model(case), zoo.conditioning(case), zoo.latent(case)
     for cfg in (1.0, case.cfg):
         exact = _run(group, model, pos, neg, lat, cfg)["latents"]
-        full = _run(group, model, pos, neg, lat, cfg, {"patches": 0, "warmup_steps": STEPS})
+        full = _run(group, model, pos, neg, lat, cfg, {"patches": 4, "warmup_steps": STEPS})
         assert torch.equal(full["latents"], exact)
         assert all(r["patch_pipelining"]["patched_passes"] == 0 and r["patch_pipelining"]["cache_bytes"] > 0
                    for r in full["ranks"])
-        res = _run(group, model, pos, neg, lat, cfg, {"patches": 0, "warmup_steps": 1})
+        res = _run(group, model, pos, neg, lat, cfg, {"patches": 4, "warmup_steps": 1})
         dev = ((res["latents"] - exact).norm() / exact.norm()).item()
         passes = [r["patch_pipelining"]["patched_passes"] for r in res["ranks"]]
         print(f"{name} cfg {cfg}: warm-up 1, 4 patches: rel-L2 vs exact PP {dev:.3e}, patched passes {passes}")
