@@ -3,7 +3,7 @@
 The tiny Wan 2.1 workflow (a 3-frame video latent) with patch pipelining on: the prompt
 runs, streams progress (one event per step) and a preview per step, its latent is near
 the exact PP prompt's (and not equal to it: the mode is approximate), and the panel's
-timeline shows the patches as micro-batches.  With warm-up >= steps it is the exact
+timeline shows the patches as micro-batches (the automatic count: 2 for these few tokens).  With warm-up >= steps it is the exact
 prompt's latent bit for bit; a model without a patch entry is refused with the reason.
 """
 from __future__ import annotations
@@ -46,7 +46,8 @@ def test_patch_pipelining_through_the_server(srv):
     assert 0 < dev < 0.15
     code, tl = srv.get("/pp/timeline")
     patches = {b.get("patch") for b in tl["bars"] if b["kind"] == "compute" and b["rank"] == 0}
-    assert code == 200 and {1, 2, 3, 4} <= patches, tl  # 4 patches (2 x 2 stages) per micro-batch
+    # patches 0: automatic; this tiny video has a few hundred tokens, so 2 patches per micro-batch
+    assert code == 200 and {1, 2} <= patches and not patches - {None, 1, 2}, tl
     assert tl["summary"]["micro_batches"] >= 4
     code, body = srv.get("/pp/status")
     grp = [x for x in body["groups"] if x["key"] == "cpu,cpu"][0]
