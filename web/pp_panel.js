@@ -95,7 +95,8 @@ function renderGroup(g) {
     const peak = mem.peak != null ? ` · peak ${fmtBytes(mem.peak)}` : "";
     const what = mem.kind === "cpu" ? "process RSS / RAM" : "device used / total";
     const pf = r.patch_pipelining;  // approximate mode: its keys/values cache on this rank
-    const kv = pf ? ` · patches: ${pf.patched_passes} passes, KV cache ${fmtBytes(pf.cache_bytes)}` : "";
+    const graphs = !pf ? "" : pf.graphs ? `, ${pf.graphs} CUDA graphs` : pf.graphs_failed ? ", eager (not capturable)" : "";
+    const kv = pf ? ` · patches: ${pf.patched_passes} passes, KV cache ${fmtBytes(pf.cache_bytes)}${graphs}` : "";
     return `<tr class="pp-rank-row" data-rank="${r.rank}">
       <td class="pp-rank-id"><span class="pp-dot" style="background:${STAGE_COLORS[(r.pp_rank ?? r.rank) % STAGE_COLORS.length]}"></span>${r.rank}</td>
       <td><div class="pp-dev">${esc(r.device)}</div><div class="pp-sub">${esc(r.name || "")}${r.pid ? ` · pid ${r.pid}` : ""}</div></td>
