@@ -24,50 +24,30 @@ import logging
 import os
 
 import torch
+from torch.utils._pytree import tree_flatten, tree_map_only, tree_unflatten
 
 log = logging.getLogger(__name__)
 
 
-class _Unkeyable(Exception):
-    pass
+_VALUES = (bool, int, float, str, type(None), torch.dtype, torch.device)
 
 
-def _key(obj, leaves: list):
-    """A hashable description of ``obj`` (tensors by shape, dtype, device; other values by
-    value), collecting its device tensors into ``leaves``."""
-    if torch.is_tensor(obj):
-        if obj.device.type != "cuda":
-            raise _Unkeyable(f"a host tensor {tuple(obj.shape)}")
-        leaves.append(obj)
-        return ("T", tuple(obj.shape), obj.dtype, obj.device.index)
-    if isinstance(obj, dict):
-        return ("D",) + tuple((k, _key(v, leaves)) for k, v in obj.items())
-    if isinstance(obj, (list, tuple)):
-        return (type(obj).__name__,) + tuple(_key(v, leaves) for v in obj)
-    if obj is None or isinstance(obj, (bool, int, float, str, torch.dtype, torch.device)):
-        return obj
-    raise _Unkeyable(f"an input of type {type(obj).__name__}")
-
-
-def _rebuild(obj, static):
-    """``obj`` with its tensors replaced, in ``_key`` order, by the next of ``static``."""
-    if torch.is_tensor(obj):
-        return next(static)
-    if isinstance(obj, dict):
-        return {k: _rebuild(v, static) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return type(obj)(_rebuild(v, static) for v in obj)
-    return obj
-
-
-def _copy_out(out):
-    if torch.is_tensor(out):
-        return out.clone()
-    if isinstance(out, dict):
-        return {k: _copy_out(v) for k, v in out.items()}
-    if isinstance(out, (list, tuple)):
-        return type(out)(_copy_out(v) for v in out)
-    return out
+def _flatten(inputs) -> tuple[list, object] | None:
+    """``inputs``' leaves and a key for what a graph of them bakes in: each device tensor's
+    shape, dtype and device, every other leaf's value; None if a graph cannot take them (a
+    host tensor, a value that is not plain data)."""
+    leaves, spec = tree_flatten(inputs)
+    described = []
+    for v in leaves:
+        if torch.is_tensor(v):
+            if v.device.type != "cuda":
+                return None
+            described.append((tuple(v.shape), v.dtype, v.device.index))
+        elif isinstance(v, _VALUES):
+            described.append(v)
+        else:
+            return None
+    return leaves, (spec, tuple(described))
 
 
 @dataclasses.dataclass
@@ -99,14 +79,14 @@ class PatchGraphs:
         """``fn(args, kwargs, state_in, patch)``, eagerly or by replaying its graph."""
         if not self.enabled or self.failed is not None:
             return fn(args, kwargs, state_in, patch)
-        leaves: list = []
-        try:
-            key = (_key((args, kwargs, state_in, patch.outputs), leaves),
-                   patch.mode, patch.branch, patch.index, patch.count)
-        except _Unkeyable:
+        flat = _flatten((args, kwargs, state_in, patch.outputs))
+        if flat is None:
             return fn(args, kwargs, state_in, patch)
-        if not leaves:
+        leaves, described = flat
+        tensors = [v for v in leaves if torch.is_tensor(v)]
+        if not tensors:
             return fn(args, kwargs, state_in, patch)
+        key = (described, patch.mode, patch.branch, patch.index, patch.count)
         g = self.graphs.get(key)
         if g is None:
             if key not in self.seen:  # the first time: eagerly (kernels chosen, workspaces made)
@@ -114,22 +94,23 @@ class PatchGraphs:
                 return fn(args, kwargs, state_in, patch)
             if len(self.graphs) >= self.limit:
                 self.clear()
-            g = self._capture(fn, args, kwargs, state_in, patch, leaves)
+            g = self._capture(fn, leaves, described[0], patch)
             if g is None:
                 return fn(args, kwargs, state_in, patch)
             self.graphs[key] = g
         if before_replay is not None:
             before_replay()
-        for static, t in zip(g.inputs, leaves):
+        for static, t in zip(g.inputs, tensors):
             static.copy_(t)
         g.graph.replay()
         self.replays += 1
-        return _copy_out(g.out)
+        return tree_map_only(torch.Tensor, torch.Tensor.clone, g.out)
 
-    def _capture(self, fn, args, kwargs, state_in, patch, leaves) -> _Graph | None:
-        inputs = [t.clone() for t in leaves]
-        s_args, s_kwargs, s_state, s_outputs = _rebuild((args, kwargs, state_in, patch.outputs), iter(inputs))
+    def _capture(self, fn, leaves, spec, patch) -> _Graph | None:
+        static = [v.clone() if torch.is_tensor(v) else v for v in leaves]
+        s_args, s_kwargs, s_state, s_outputs = tree_unflatten(static, spec)
         s_patch = dataclasses.replace(patch, outputs=s_outputs)
+        inputs = [v for v in static if torch.is_tensor(v)]
         graph = torch.cuda.CUDAGraph()
         if self.pool is None:
             self.pool = torch.cuda.graph_pool_handle()

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from torch.utils._pytree import tree_map_only
 
 from comfy_env import require_comfy
 
@@ -38,16 +39,6 @@ FAMILIES = CAPTURED + ["wan21_t2v"]
 DEV = torch.device("cuda:0")
 
 
-def _to(v):
-    if torch.is_tensor(v):
-        return v.to(DEV)
-    if isinstance(v, dict):
-        return {k: _to(x) for k, x in v.items()}
-    if isinstance(v, (list, tuple)):
-        return type(v)(_to(x) for x in v)
-    return v
-
-
 def _setup(name):
     dm, calls = recorded_calls(zoo.BY_NAME[name])
     dm = dm.to(DEV)
@@ -55,7 +46,7 @@ def _setup(name):
     n = len(block_modules(dm, fam))
     stages = [(0, n // 2), (n // 2, n)]
     forwards = [StageForward(dm, fam, a, b, j == 0, j == 1) for j, (a, b) in enumerate(stages)]
-    args, kwargs = _to(calls[0])
+    args, kwargs = tree_map_only(torch.Tensor, lambda t: t.to(DEV), calls[0])
     return dm, forwards, args, kwargs
 
 

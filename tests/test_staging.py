@@ -14,6 +14,7 @@ import itertools
 
 import pytest
 import torch
+from torch.utils._pytree import tree_map_only
 
 from comfy_env import require_comfy
 
@@ -39,13 +40,7 @@ OPS = comfy.ops.disable_weight_init
 
 
 def clone(v):
-    if isinstance(v, torch.Tensor):
-        return v.clone()
-    if isinstance(v, dict):
-        return {k: clone(x) for k, x in v.items()}
-    if isinstance(v, (list, tuple)):
-        return type(v)(clone(x) for x in v)
-    return v
+    return tree_map_only(torch.Tensor, torch.Tensor.clone, v)
 
 
 def splits(n):
