@@ -96,7 +96,7 @@ def interrupt() -> dict:
                 should_interrupt=lambda: len(seen) >= 2)
     after = parity(2)
     return {"interrupted": res["interrupted"], "steps_seen": len(seen), "same_pids": after["pids"] == pids,
-            "rel_l2_after": after["rel_l2"]}
+            "rel_l2_after": after["rel_l2"], "nodes": g.nodes}
 
 
 def repeat(n: int) -> dict:
@@ -112,7 +112,7 @@ def repeat(n: int) -> dict:
 
 def lost() -> dict:
     """A long prompt; once it streams steps, tell the test (which cuts the worker host away)."""
-    g = group(2)
+    g = group(2).start()
     nodes = g.nodes
     j, tensors, rank_tensors = job(2, steps=5000)
     told = []

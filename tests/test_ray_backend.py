@@ -192,6 +192,22 @@ def test_killed_actor_is_reported_with_rank_and_node_then_fresh_group_works(ray_
 
 
 @needs_ray
+def test_next_group_waits_for_the_resources_of_the_last(ray_groups):
+    """Ray returns a removed placement group's resources asynchronously (here: the group's CPU
+    still taken right after the shutdown); a group placed meanwhile is placed around them (across
+    two hosts, 'spread' put both ranks on the host that came back first).  The next group's
+    launch waits until they are back."""
+    ray_groups(2)  # the Ray instance (and a group of 2 kept for the module)
+    ray_backend._await_returned(ray)  # what earlier tests' groups gave back
+    free = ray.available_resources().get("CPU", 0)
+    group = _group(2).start()
+    assert ray.available_resources().get("CPU", 0) == free - 1
+    group.shutdown()
+    ray_backend._await_returned(ray)  # what the next launch does first
+    assert ray.available_resources().get("CPU", 0) == free
+
+
+@needs_ray
 def test_worker_exception_names_rank_and_cause_then_next_job_works(ray_groups):
     group = ray_groups(2)
     with pytest.raises(WorkerError) as err:  # 3 latent channels for a 4-channel model

@@ -268,6 +268,7 @@ def test_pp2_x_cfg2_across_hosts_equals_stock(hosts):
 def test_cancel_across_hosts_then_next_prompt(hosts):
     a = hosts.ask(cmd="interrupt")
     print(f"cancel across hosts: {a}")
+    assert sorted(a["nodes"]) == sorted(hosts.addr.values()), "spread: one stage on each host"
     assert a["interrupted"] and 2 <= a["steps_seen"] < 400
     assert a["same_pids"] and a["rel_l2_after"] <= TOL
 
@@ -302,6 +303,7 @@ def test_lost_host_fails_the_prompt_with_rank_and_node_then_next_prompt_runs(hos
     hosts.driver.stdin.write(json.dumps({"cmd": "lost"}) + "\n")
     hosts.driver.stdin.flush()
     ev = hosts.wait(lambda a: a.get("event") == "running", 150)
+    assert hosts.addr["worker"] in ev["nodes"], f"no rank on the worker host: {ev['nodes']}"
     worker_rank = ev["nodes"].index(hosts.addr["worker"])
     t_cut = time.monotonic()
     hosts.kill_host("worker")  # every Ray process of the worker host: the machine is gone

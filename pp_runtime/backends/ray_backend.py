@@ -25,7 +25,9 @@ tear down Ray actors; the job loop, streaming, interrupt, status and failure han
   once (reported as ``rank N on node <ip>`` with Ray's cause), an actor that does not
   answer for ``heartbeat_timeout`` s (env ``PP_RAY_HEARTBEAT_S``, default 60) is
   declared lost.  Then every actor is killed and the placement group removed; the next
-  job starts a fresh group.
+  job starts a fresh group, once Ray counts the removed group's resources free again (at
+  most 5 s; Ray returns them node by node, and a group placed before would be placed
+  around them).
 
 Devices: 'cpu,cpu' / 'cpu x 4' (CPU actors), 'cuda x 4' / 'cuda,cuda' (GPU actors; Ray
 picks the GPUs, so 'cuda:N' is refused), 'auto' (every GPU of the cluster).
@@ -54,6 +56,38 @@ PASS_ENV_PREFIXES = ("GLOO_", "NCCL_")  # the user's data-plane settings travel 
 
 class RayUnavailable(RuntimeError):
     pass
+
+
+# Resources this process's groups gave back (placement groups removed) that Ray may not count
+# as free yet: Ray returns them node by node, asynchronously (measured: 0, then 2, then 4 of 4
+# CPUs over ~250 ms).  A placement group made meanwhile is placed around them -- SPREAD puts
+# every bundle on the node that came back first -- so the next group waits for them (bounded).
+_RETURNING: dict = {"want": {}, "until": 0.0}
+RETURN_WAIT_S = 5.0
+
+
+def _note_returning(ray, bundles: list[dict]) -> None:
+    try:
+        avail = ray.available_resources()
+    except Exception:
+        return
+    want = _RETURNING["want"] if time.monotonic() < _RETURNING["until"] else {}
+    for b in bundles:
+        for res, amount in b.items():
+            want[res] = max(want.get(res, 0.0), avail.get(res, 0.0)) + amount
+    _RETURNING.update(want=want, until=time.monotonic() + RETURN_WAIT_S)
+
+
+def _await_returned(ray) -> None:
+    """Until the resources noted by ``_note_returning`` are free again in Ray's view (or the
+    cluster no longer has them: a lost node), at most ``RETURN_WAIT_S``."""
+    want = _RETURNING["want"]
+    while want and time.monotonic() < _RETURNING["until"]:
+        avail, total = ray.available_resources(), ray.cluster_resources()
+        if all(avail.get(r, 0.0) + 1e-9 >= min(w, total.get(r, 0.0)) for r, w in want.items()):
+            break
+        time.sleep(0.02)
+    _RETURNING.update(want={}, until=0.0)
 
 
 def ray_available() -> bool:
@@ -288,6 +322,7 @@ class RayWorkerGroup(WorkerGroup):
                 raise RuntimeError(f"the Ray cluster ({self._where_text()}) has {total.get(res, 0):g} {res}; "
                                    f"{self.world} ranks of {bundle} need {amount * self.world:g}")
         self.info, self.conns = [None] * self.world, [None] * self.world
+        _await_returned(ray)
         self.pg = placement_group([dict(bundle) for _ in range(self.world)], strategy=self.placement.upper())
         try:
             ray.get(self.pg.ready(), timeout=self.startup_timeout)
@@ -434,6 +469,7 @@ class RayWorkerGroup(WorkerGroup):
                     pass
             if self.pg is not None:
                 from ray.util.placement_group import remove_placement_group
+                _note_returning(ray, self.pg.bundle_specs)
                 try:
                     remove_placement_group(self.pg)
                 except Exception:
