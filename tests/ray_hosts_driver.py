@@ -110,8 +110,11 @@ def repeat(n: int) -> dict:
     return {"walls": walls, "pids": g.pids}
 
 
-def lost() -> dict:
-    """A long prompt; once it streams steps, tell the test (which cuts the worker host away)."""
+def lost(fresh: bool = False) -> dict:
+    """A long prompt; once it streams steps, tell the test (which cuts the worker host away).
+    ``fresh``: on a new group (placed on the nodes there are now)."""
+    for other in list(_groups.values()) if fresh else ():
+        other.shutdown()
     g = group(2).start()
     nodes = g.nodes
     j, tensors, rank_tensors = job(2, steps=5000)
@@ -130,6 +133,11 @@ def lost() -> dict:
     return {"finished": True}
 
 
+def alive_nodes() -> dict:
+    import ray
+    return {"nodes": sorted(n["NodeManagerAddress"] for n in ray.nodes() if n.get("Alive"))}
+
+
 def main() -> None:
     say({"event": "ready", "comfy": str(ROOT)})
     for line in sys.stdin:
@@ -142,8 +150,10 @@ def main() -> None:
                 out = interrupt()
             elif what == "repeat":
                 out = repeat(cmd["n"])
+            elif what == "alive_nodes":
+                out = alive_nodes()
             elif what == "lost":
-                out = lost()
+                out = lost(cmd.get("fresh", False))
             elif what == "quit":
                 break
             else:

@@ -46,6 +46,7 @@ TESTS = Path(__file__).resolve().parent
 TOL = 1e-5
 TIME_LIMIT_S = 290  # the whole module (the issue: under 5 minutes)
 LOST_NODE_S = 10    # README: a lost host fails the prompt within this time
+SILENT_S = 15       # README: PP_SILENT_S, a rank without heartbeats fails the prompt after this
 
 try:
     import ray  # noqa: F401
@@ -88,6 +89,7 @@ class Hosts:
         n = os.getpid() % 250 + 1
         tag = f"pp{os.getpid() % 100000}"
         self.ns = {"head": f"{tag}h", "worker": f"{tag}w"}
+        self.link = {"head": f"{tag}h0", "worker": f"{tag}w0"}
         self.addr = {"head": f"10.254.{n}.1", "worker": f"10.254.{n}.2"}
         self.tmp = Path(tempfile.mkdtemp(prefix="pp-ray-hosts-"))
         self.token = self.tmp / "token"
@@ -101,7 +103,7 @@ class Hosts:
         head, worker = self.ns["head"], self.ns["worker"]
         for ns in (head, worker):
             sh("ip", "netns", "add", ns)
-        a, b = f"{head}0", f"{worker}0"
+        a, b = self.link["head"], self.link["worker"]
         sh("ip", "link", "add", a, "type", "veth", "peer", "name", b)
         for ns, dev, ip in ((head, a, self.addr["head"]), (worker, b, self.addr["worker"])):
             sh("ip", "link", "set", dev, "netns", ns)
@@ -117,14 +119,19 @@ class Hosts:
                    RAY_USAGE_STATS_ENABLED="0")
         return env
 
+    COMMON = ["--min-worker-port=20000", "--max-worker-port=20199", "--num-cpus=2",
+              "--object-store-memory=100000000", "--disable-usage-stats"]
+
     def start_ray(self, env):
-        common = ["--min-worker-port=20000", "--max-worker-port=20199", "--num-cpus=2",
-                  "--object-store-memory=100000000", "--disable-usage-stats"]
+        self.ray_env = env
         sh(RAY, "start", "--head", f"--node-ip-address={self.addr['head']}", "--port=6379",
-           "--include-dashboard=false", f"--temp-dir={self.tmp / 'head'}", *common,
+           "--include-dashboard=false", f"--temp-dir={self.tmp / 'head'}", *self.COMMON,
            ns=self.ns["head"], env=env, timeout=90)
+        self.join_worker("worker")
+
+    def join_worker(self, temp: str):
         sh(RAY, "start", f"--address={self.addr['head']}:6379", f"--node-ip-address={self.addr['worker']}",
-           f"--temp-dir={self.tmp / 'worker'}", *common, ns=self.ns["worker"], env=env, timeout=90)
+           f"--temp-dir={self.tmp / temp}", *self.COMMON, ns=self.ns["worker"], env=self.ray_env, timeout=90)
 
     def start_driver(self, env, model):
         env = dict(env, PP_TEST_RAY_ADDRESS=f"{self.addr['head']}:6379", PP_TEST_MODEL=str(model),
@@ -316,4 +323,33 @@ def test_lost_host_fails_the_prompt_with_rank_and_node_then_next_prompt_runs(hos
     assert a["state"] == "failed"
     b = hosts.ask(cmd="parity", world=2, timeout=200)  # what is left: the head host's 2 CPUs
     print(f"next prompt on what is left: nodes {b['nodes']}, rel-L2 {b['rel_l2']:.2e}")
+    assert b["nodes"] == [hosts.addr["head"]] * 2 and b["rel_l2"] <= TOL
+
+
+def test_cut_link_fails_the_prompt_with_rank_and_node_then_next_prompt_runs(hosts):
+    """The worker host unreachable without closing anything (a cut cable: its link down, its
+    processes alive): no error reaches anyone, the watchdog names the silent rank."""
+    hosts.join_worker("worker2")  # the worker host again (the test above killed it)
+    deadline = time.monotonic() + 60
+    while hosts.addr["worker"] not in hosts.ask(cmd="alive_nodes")["nodes"]:
+        assert time.monotonic() < deadline, "the worker host did not rejoin the cluster within 60 s"
+        time.sleep(0.5)
+    hosts.driver.stdin.write(json.dumps({"cmd": "lost", "fresh": True}) + "\n")
+    hosts.driver.stdin.flush()
+    ev = hosts.wait(lambda a: a.get("event") == "running", 150)
+    assert hosts.addr["worker"] in ev["nodes"], f"no rank on the worker host: {ev['nodes']}"
+    worker_rank = ev["nodes"].index(hosts.addr["worker"])
+    t_cut = time.monotonic()
+    sh("ip", "-n", hosts.ns["worker"], "link", "set", hosts.link["worker"], "down")
+    a = hosts.wait(lambda a: a.get("done") == "lost", SILENT_S + 60)
+    took = time.monotonic() - t_cut
+    print(f"cut link reported after {took:.1f} s: {a.get('error')}")
+    assert "error" in a and took <= SILENT_S + 10
+    assert a["rank"] == worker_rank and a["node"] == hosts.addr["worker"]
+    assert f"rank {worker_rank} on node {hosts.addr['worker']}" in a["error"]
+    assert "no heartbeat" in a["error"] and "unreachable or down" in a["error"]
+    t_next = time.monotonic()
+    b = hosts.ask(cmd="parity", world=2, timeout=150)  # waits until Ray declares the node lost
+    print(f"next prompt on what is left after {time.monotonic() - t_next:.1f} s: nodes {b['nodes']}, "
+          f"rel-L2 {b['rel_l2']:.2e}")
     assert b["nodes"] == [hosts.addr["head"]] * 2 and b["rel_l2"] <= TOL

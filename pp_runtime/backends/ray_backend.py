@@ -24,10 +24,12 @@ tear down Ray actors; the job loop, streaming, interrupt, status and failure han
 * Watch: each rank's outbox is long-polled (``take``); a dead actor fails that call at
   once (reported as ``rank N on node <ip>`` with Ray's cause), an actor that does not
   answer for ``heartbeat_timeout`` s (env ``PP_RAY_HEARTBEAT_S``, default 60) is
-  declared lost.  Then every actor is killed and the placement group removed; the next
-  job starts a fresh group, once Ray counts the removed group's resources free again (at
-  most 5 s; Ray returns them node by node, and a group placed before would be placed
-  around them).
+  declared lost; one whose heartbeats stop (``PP_SILENT_S``) while its node runs no task
+  either is on an unreachable node (a cut link).  Then every actor is killed and the
+  placement group removed; the next job starts a fresh group once Ray counts the removed
+  group's resources free again (at most 5 s: Ray returns them node by node, and a group
+  placed before would be placed around them) and has declared an unreachable node lost (at
+  most 120 s: Ray counts it alive for about a minute more and would place a stage there).
 
 Devices: 'cpu,cpu' / 'cpu x 4' (CPU actors), 'cuda x 4' / 'cuda,cuda' (GPU actors; Ray
 picks the GPUs, so 'cuda:N' is refused), 'auto' (every GPU of the cluster).
@@ -47,7 +49,7 @@ import time
 
 from .. import wire
 from ..environment import ENV_FLAGS, comfy_flags
-from ..group import PACKAGE_PARENT, WorkerGroup
+from ..group import PACKAGE_PARENT, WorkerGroup, log
 
 RAY_INSTALL_HINT = 'backend \'ray\' needs Ray: pip install "ray[default]>=2.9"'
 PLACEMENTS = ("pack", "spread", "strict_pack", "strict_spread")
@@ -88,6 +90,57 @@ def _await_returned(ray) -> None:
             break
         time.sleep(0.02)
     _RETURNING.update(want={}, until=0.0)
+
+
+# Nodes where a rank stopped answering and whose node did not run a task either (a cut link, a
+# hung host): Ray keeps such a node alive in its view until its health checks give up (measured:
+# ~65 s after the cut), and places stages there meanwhile -- the next group would never start.
+_SUSPECT: dict = {}  # node id -> address
+SUSPECT_WAIT_S = 120.0
+_PROBE = None
+
+
+def _probe(ray, node_id: str):
+    """A task that must run on ``node_id`` (no CPU asked): it finishes only if the node answers."""
+    global _PROBE
+    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+    if _PROBE is None:
+        _PROBE = ray.remote(num_cpus=0, max_retries=0)(lambda: True)
+    return _PROBE.options(scheduling_strategy=NodeAffinitySchedulingStrategy(node_id, soft=False)).remote()
+
+
+def _node_alive(ray, node_id: str) -> bool:
+    try:
+        return any(n["NodeID"] == node_id and n.get("Alive") for n in ray.nodes())
+    except Exception:
+        return False
+
+
+def _node_answers(ray, node_id: str, timeout: float) -> bool:
+    ref = _probe(ray, node_id)
+    ready, _ = ray.wait([ref], timeout=timeout)
+    if not ready:
+        try:
+            ray.cancel(ref, force=True)
+        except Exception:
+            pass
+    return bool(ready)
+
+
+def _await_suspects(ray) -> None:
+    """Until Ray declares each suspect node dead, or it answers again (at most ``SUSPECT_WAIT_S``)."""
+    deadline = time.monotonic() + SUSPECT_WAIT_S
+    while _SUSPECT:
+        node_id, address = _SUSPECT.popitem()
+        if not _node_alive(ray, node_id):
+            continue
+        log.warning("node %s stopped answering; waiting until Ray declares it lost (its health checks take "
+                    "about a minute) or it answers again, at most %.0f s, so no stage is placed there",
+                    address, max(0.0, deadline - time.monotonic()))
+        ref = _probe(ray, node_id)
+        while time.monotonic() < deadline and _node_alive(ray, node_id):
+            if ray.wait([ref], timeout=0.5)[0]:
+                break
 
 
 def ray_available() -> bool:
@@ -322,6 +375,7 @@ class RayWorkerGroup(WorkerGroup):
                 raise RuntimeError(f"the Ray cluster ({self._where_text()}) has {total.get(res, 0):g} {res}; "
                                    f"{self.world} ranks of {bundle} need {amount * self.world:g}")
         self.info, self.conns = [None] * self.world, [None] * self.world
+        _await_suspects(ray)
         _await_returned(ray)
         self.pg = placement_group([dict(bundle) for _ in range(self.world)], strategy=self.placement.upper())
         try:
@@ -414,6 +468,19 @@ class RayWorkerGroup(WorkerGroup):
                 self._fail(rank, cause)
                 raise self._error(rank, cause)
 
+    def _hang(self, rank: int, cause: str):
+        """A rank without heartbeats: its process stopped, or its whole node unreachable."""
+        info = self.info[rank] if rank < len(self.info) else None
+        if info and info.get("node_id"):
+            try:
+                import ray
+                if not _node_answers(ray, info["node_id"], 5.0):
+                    _SUSPECT[info["node_id"]] = info.get("node")
+                    cause += f"; its node {info.get('node')} does not run a task either: unreachable or down"
+            except Exception:
+                pass
+        super()._hang(rank, cause)
+
     def _first_dead(self, grace: float = 0.0, probe_s: float = 3.0):
         """The first rank whose actor is gone.  A rank that reports a broken connection may
         see a lost node before Ray does (Ray notices a dead node only after its health
@@ -444,6 +511,9 @@ class RayWorkerGroup(WorkerGroup):
                 conn.cause = (f"its Ray actor did not answer within {probe_s:g} s after a peer lost its "
                               f"connection to it (its node is down or unreachable, or its Ray processes were "
                               f"killed)")
+                node_id = (self.info[rank] or {}).get("node_id") if rank < len(self.info) else None
+                if node_id:
+                    _SUSPECT[node_id] = self._node(rank)
             except RayActorError as e:
                 conn.cause = describe_death(e)
             except Exception as e:
