@@ -82,11 +82,11 @@ class PatchGraphs:
         flat = _flatten((args, kwargs, state_in, patch.outputs))
         if flat is None:
             return fn(args, kwargs, state_in, patch)
-        leaves, described = flat
+        leaves, (spec, described) = flat
         tensors = [v for v in leaves if torch.is_tensor(v)]
         if not tensors:
             return fn(args, kwargs, state_in, patch)
-        key = (described, patch.mode, patch.branch, patch.index, patch.count)
+        key = (spec, described, patch.mode, patch.branch, patch.index, patch.count)
         g = self.graphs.get(key)
         if g is None:
             if key not in self.seen:  # the first time: eagerly (kernels chosen, workspaces made)
@@ -94,7 +94,7 @@ class PatchGraphs:
                 return fn(args, kwargs, state_in, patch)
             if len(self.graphs) >= self.limit:
                 self.clear()
-            g = self._capture(fn, leaves, described[0], patch)
+            g = self._capture(fn, leaves, spec, patch)
             if g is None:
                 return fn(args, kwargs, state_in, patch)
             self.graphs[key] = g

@@ -141,6 +141,11 @@ def _await_suspects(ray) -> None:
         while time.monotonic() < deadline and _node_alive(ray, node_id):
             if ray.wait([ref], timeout=0.5)[0]:
                 break
+        else:
+            try:
+                ray.cancel(ref, force=True)
+            except Exception:
+                pass
 
 
 def ray_available() -> bool:
