@@ -22,6 +22,7 @@ reserve, PP2 with every worker capped at 24 GB and NCCL peer-to-peer off).
     python bench/bench_product.py --devices cuda:0,cuda:1 --model flux --variants core,legacy
     python bench/bench_product.py --devices cuda:0,cuda:1 --model wan14b --variants core,extras
     python bench/bench_product.py --smoke            # tiny Wan on cpu,cpu (about a minute)
+    python bench/bench_product.py --smoke --model h3 --devices cuda:0 --variants core,stockloader  # tiny H3, one CPU worker
 
 Writes ``bench/results/<gpus>x<card>_product_<model>.json`` (``--out``) with
 ``"baseline": "stock"``, ``ratios`` (stock time / PP time) and ``overhead_ms`` (PP's
@@ -50,8 +51,12 @@ MODELS = {
     "flux": ("Flux.1 dev (12B)", (1, 16, 128, 128), (512, 4096), {"pooled_output": (1, 768), "guidance": 3.5},
              3.5, 20),
     "wan14b": ("Wan 2.1 t2v 14B", (1, 16, 9, 60, 104), (512, 4096), {}, 5.0, 8),
+    # an empty 480x832 x 33-frame video + audio latent (MiniMaxH3AV makes the audio part from it)
+    "h3": ("MiniMax-H3 (33B)", (1, 32, 9, 30, 52), (256, 5120), {"minimax_token_tags": "tags"}, 5.0, 8),
 }
-SMOKE = ("wan_smoke", (1, 16, 3, 16, 16), (16, 4096), {}, 5.0, 4)
+# --smoke: the harness on a tiny model of the family (tests/family_zoo.py), on CPU workers
+SMOKES = {"wan14b": ("wan21_t2v", (1, 16, 3, 16, 16), (16, 4096), {}, 5.0, 4),
+          "h3": ("minimax_h3", (1, 32, 2, 8, 8), (6, 48), {"minimax_token_tags": "tags"}, 5.0, 3)}
 
 
 def log(*a):
@@ -104,7 +109,8 @@ def conditioning(spec, seed=0):
         with torch.inference_mode():
             for branch in range(2):
                 g = torch.Generator().manual_seed(seed * 2 + branch)
-                opts = {k: (torch.randn(v, generator=g) if isinstance(v, tuple) else v) for k, v in extra.items()}
+                opts = {k: (torch.randn(v, generator=g) if isinstance(v, tuple) else
+                            torch.ones(tokens, dtype=torch.long) if v == "tags" else v) for k, v in extra.items()}
                 out.append([[torch.randn(1, tokens, width, generator=g), opts]])
         _CONDITIONING[key] = out
     return _CONDITIONING[key]
@@ -122,10 +128,53 @@ def summarize(name, t0, t1, steps, clock_times, extra=None) -> dict:
     return out
 
 
+def _flat(x):
+    import torch
+    return torch.cat([t.float().flatten() for t in x.unbind()]) if getattr(x, "is_nested", False) else x.float()
+
+
 def rel_l2(a, b) -> float | None:
     if a is None or b is None:
         return None
-    return ((a.float() - b.float()).norm() / b.float().norm()).item()
+    a, b = _flat(a), _flat(b)
+    return ((a - b).norm() / b.norm()).item()
+
+
+def enable_dynamic_vram() -> bool:
+    """ComfyUI's DynamicVRAM as its main.py turns it on (comfy-aimdo; the default on NVIDIA since
+    v0.2x): the stock loader then returns ModelPatcherDynamic MODELs."""
+    import comfy.memory_management
+    import comfy.model_management as mm
+    import comfy.model_patcher
+    import comfy_aimdo.control
+    if not comfy_aimdo.control.init():
+        return False
+    try:
+        ok = comfy_aimdo.control.init_devices((d.index, 0) for d in mm.get_all_torch_devices())
+    except TypeError:
+        ok = comfy_aimdo.control.init_devices(d.index for d in mm.get_all_torch_devices())
+    if ok:
+        comfy.model_patcher.CoreModelPatcher = comfy.model_patcher.ModelPatcherDynamic
+        comfy.memory_management.aimdo_enabled = True
+    return bool(ok)
+
+
+def random_lora(model, n_keys=8, rank=16, seed=0) -> dict:
+    """A LoRA file's state dict for ``n_keys`` of the model's linear weights (ComfyUI's own key
+    map), random up/down matrices: what Load LoRA would read."""
+    import comfy.lora
+    import torch
+    key_map = comfy.lora.model_lora_keys_unet(model.model, {})
+    sd = model.model.diffusion_model.state_dict()
+    g = torch.Generator().manual_seed(seed)
+    out = {}
+    for lora_key, weight_key in list((k, v) for k, v in key_map.items() if isinstance(v, str)
+                                     and k.startswith("diffusion_model.blocks.") and sd.get(v[len("diffusion_model."):]) is not None
+                                     and sd[v[len("diffusion_model."):]].dim() == 2)[:n_keys]:
+        w = sd[weight_key[len("diffusion_model."):]]
+        out[f"{lora_key}.lora_up.weight"] = torch.randn(w.shape[0], rank, generator=g) * 0.01
+        out[f"{lora_key}.lora_down.weight"] = torch.randn(rank, w.shape[1], generator=g) * 0.01
+    return out
 
 
 # -- the runs ----------------------------------------------------------------------------------
@@ -228,6 +277,10 @@ def main(argv=None):
     ap.add_argument("--model-dir", default=os.environ.get("PP_BENCH_MODELS", "/tmp/pp-bench-models"))
     ap.add_argument("--smoke", action="store_true")
     ap.add_argument("--out", default=None)
+    ap.add_argument("--file-dtype", choices=["bf16", "fp8"], default="bf16",
+                    help="the model file's weights: bf16, or fp8 (e4m3) block matrices as released fp8 files")
+    ap.add_argument("--dynamic-vram", action="store_true",
+                    help="turn on ComfyUI's DynamicVRAM (comfy-aimdo) as its main.py does by default on NVIDIA")
     args = ap.parse_args(argv)
 
     comfy_root = os.environ.get("COMFYUI_ROOT") or str(ROOT / ".comfy")
@@ -235,41 +288,47 @@ def main(argv=None):
     smoke = args.smoke
     from comfy.cli_args import args as comfy_args
     comfy_args.cpu = smoke
+    if args.dynamic_vram:  # as ComfyUI's main.py: comfy-aimdo's library first, then ComfyUI's modules
+        import comfy_aimdo.control
+        comfy_aimdo.control.init()
     import torch
     import comfy.model_management as mm
     import comfy.sd
     import model_files
 
-    spec = SMOKE if smoke else MODELS[args.model]
+    dynamic = enable_dynamic_vram() if args.dynamic_vram else False
+    log(f"DynamicVRAM: {'on' if dynamic else 'off'}")
+    spec = SMOKES.get(args.model, SMOKES["wan14b"]) if smoke else MODELS[args.model]
     steps = args.steps or spec[5]
     cfg_scale = spec[4]
-    devices = "cpu,cpu" if smoke else args.devices
+    devices = ",".join("cpu" for _ in args.devices.split(",")) if smoke else args.devices
     world = len(devices.split(","))
     pp_nodes, cb = import_pack(Path(args.pack_root))
     clock = StepClock()
 
     # -- the model file (released size, random bf16 weights) --------------------------------
     os.makedirs(args.model_dir, exist_ok=True)
-    path = os.path.join(args.model_dir, f"{'smoke' if smoke else args.model}.safetensors")
+    path = os.path.join(args.model_dir, f"{'smoke_' if smoke else ''}{args.model}_{args.file_dtype}.safetensors")
     if not os.path.exists(path):
         t = time.perf_counter()
         if smoke:
             sys.path.insert(0, str(ROOT / "tests"))
             import family_zoo
-            family_zoo.write_file(family_zoo.BY_NAME["wan21_t2v"], path, dtype=torch.bfloat16)
+            family_zoo.write_file(family_zoo.BY_NAME[spec[0]], path, dtype=torch.bfloat16)
         else:
             _, dm = model_files.release_model(spec[0])
-            model_files.write(dm, path)
+            model_files.write(dm, path, fp8_matrices=args.file_dtype == "fp8")
         log(f"wrote {path}: {os.path.getsize(path) / 2**30:.1f} GiB in {time.perf_counter() - t:.0f} s")
     card = torch.cuda.get_device_name(0) if torch.cuda.is_available() and not smoke else "cpu"
     result = {"baseline": "stock", "card": card, "gpus": world, "devices": devices, "torch": torch.__version__,
               "cuda": torch.version.cuda, "date": time.strftime("%Y-%m-%d"), "pack": args.pack_root,
               "model": {"name": spec[0], "file_gib": os.path.getsize(path) / 2**30, "latent": spec[1],
                         "context": spec[2], "cfg": cfg_scale, "steps": steps, "sampler": "euler/simple"},
-              "variants": {}, "ratios": {}, "overhead_ms": {}, "rel_l2": {}, "extras": {}}
+              "variants": {}, "ratios": {}, "overhead_ms": {}, "rel_l2": {}, "extras": {},
+              "file_dtype": args.file_dtype, "dynamic_vram": dynamic}
     V = result["variants"]
     wanted = set(args.variants.split(","))
-    key = "flux" if args.model == "flux" else "wan14b"
+    key = args.model if args.model in ("flux", "h3") else "wan14b"
     P = f"pp{world}"  # every GPU one stage; CP: CFG-parallel, 2 pipelines of world/2 stages
     CP = "cfgpar2" if world == 2 else f"pp{world // 2}xcfg2"
     seed = 3
@@ -293,8 +352,16 @@ def main(argv=None):
     core = "core" in wanted
     if not args.only_pp and (core or "patches" in wanted):
         log("stock KSampler (ComfyUI's loader and sampling, this process, first GPU):")
+        t_load = time.perf_counter()
         model = comfy.sd.load_diffusion_model(path)
+        result["extras"]["stock_patcher"] = type(model).__name__
+        if world == 1:  # the first prompt: the stock loader and a 2-step prompt, from the file
+            t_load = time.perf_counter() - t_load
+            _, s = run_stock(model, spec, 1.0, 1, 2, seed, clock, "stock_first_prompt")
+            V["stock_first_prompt"] = {**s, "load_s": t_load, "first_prompt_s": t_load + s["wall_s"]}
         plan = (("stock_cfg1", 1.0, 1), ("stock_cfg", cfg_scale, 1), ("stock_b2_cfg", cfg_scale, 2))
+        if world == 1:
+            plan = plan[:2]
         for label, c, b in (plan if core else plan[:2]):
             stock[label] = timed(lambda **k: run_stock(model, spec, k["cfg"], k["batch"], k["steps"], seed, clock,
                                                        k["label"]), label, cfg=c, batch=b, steps=steps)
@@ -312,8 +379,17 @@ def main(argv=None):
                 (CP, cfg_scale, 1, "balanced", "cfg_parallel"), (f"{P}_b2_seqcfg", cfg_scale, 2, "balanced",
                                                                   "sequential"),
                 (f"{P}_seqcfg_by_memory", cfg_scale, 1, "by_memory", "sequential")]
-        if args.only_pp or not core:
+        if args.only_pp or not core or world == 1:
             plan = plan[:3] if world >= 4 else plan[:2]  # PP2 x CFG2: the exact reference of its patches
+        if world == 1:  # the first prompt on a started group: placement and a 2-step prompt
+            from pack.pp_runtime.group import shared_group
+            t_start = time.perf_counter()
+            shared_group(group["devices"], extra_paths=[pp_nodes.COMFY_ROOT]).start()
+            t_start = time.perf_counter() - t_start
+            _, s = run_pp(pp_nodes, model_pp, group, spec, 1.0, 1, 2, seed, clock, "pp1_first_prompt")
+            V["pp1_first_prompt"] = {**s, "group_start_s": t_start, "first_prompt_s": s["wall_s"]}
+            result["ratios"][f"cold_{key}_pp1"] = V["stock_first_prompt"]["first_prompt_s"] / s["wall_s"] \
+                if "stock_first_prompt" in V else None
         for label, c, b, split, mode in plan:
             pp[label] = timed(lambda **k: run_pp(pp_nodes, model_pp, group, spec, k["cfg"], k["batch"], k["steps"], seed,
                                                  clock, k["label"], split=k["split"], mode=k["mode"]),
@@ -364,6 +440,8 @@ def main(argv=None):
         result["extras"]["legacy"] = cmp
         log("staging vs legacy adapters:", json.dumps(cmp, indent=1))
 
+    if "stockloader" in wanted:
+        stock_loader_model(result, pp_nodes, path, spec, devices, cfg_scale, steps, clock, seed, stock.get("stock_cfg1"))
     if "extras" in wanted:
         extras(result, pp_nodes, cb, path, spec, devices, cfg_scale, clock, seed, smoke)
     if "consumer" in wanted:
@@ -380,6 +458,42 @@ def main(argv=None):
     log(f"wrote {out}")
     from pack.pp_runtime.group import shutdown_all
     shutdown_all()
+
+
+# -- a stock-loader MODEL (DynamicVRAM where it is on) with a LoRA, handed to PP KSampler ---------
+def stock_loader_model(result, pp_nodes, path, spec, devices, cfg_scale, steps, clock, seed, plain=None):
+    """The stock Load Diffusion Model's MODEL (a ModelPatcherDynamic under DynamicVRAM) with a
+    LoRA at 0.8: the stock KSampler on it, then PP KSampler on the same MODEL, first with its
+    host copy kept, then with free_host_weights (the file it came from is read by the workers:
+    no export), against stock."""
+    import comfy.model_management as mm
+    import comfy.sd
+    V = result["variants"]
+    base = comfy.sd.load_diffusion_model(path)
+    lora = random_lora(base)
+    model = comfy.sd.load_lora_for_models(base, None, lora, 0.8, 0.0)[0]
+    group = {"devices": devices.split(","), "backend": "local", "residency": "keep", "memory_cap_gb": ""}
+    ref, V["stockloader_stock_cfg1"] = run_stock(model, spec, 1.0, 1, steps, seed, clock, "stockloader_stock_cfg1")
+    out, V["stockloader_pp_cfg1"] = run_pp(pp_nodes, model, group, spec, 1.0, 1, steps, seed, clock,
+                                           "stockloader_pp_cfg1")
+    pp_nodes_kw = dict(free_host_copy=True)
+    import torch
+    latent = {"samples": torch.zeros((1,) + tuple(spec[1][1:]))}
+    pos, neg = conditioning(spec)
+    t0 = time.perf_counter()
+    freed = pp_nodes.pp_sample(model, group, pos, neg, latent, seed=seed, steps=steps, cfg=1.0, sampler_name="euler",
+                               scheduler="simple", denoise=1.0, split={"strategy": "balanced", "manual": ""},
+                               cfg_mode={"mode": "sequential", "cfg_normalize": False}, **pp_nodes_kw)[0]["samples"]
+    V["stockloader_pp_free_host"] = summarize("stockloader_pp_free_host", t0, time.perf_counter(), steps, clock.times)
+    from pack.pp_runtime.group import shared_group
+    last = shared_group(group["devices"]).last_run
+    result["extras"]["stockloader"] = {
+        "patcher": type(base).__name__, "lora_keys": len(lora) // 2, "model_file": last.get("model", {}).get("path"),
+        "rel_l2_pp_vs_stock": rel_l2(out, ref), "rel_l2_free_host_vs_stock": rel_l2(freed, ref),
+        "lora_changed_stock_by": rel_l2(ref, plain),
+        "host_weights_left": sum(p.numel() for p in base.model.diffusion_model.parameters() if not p.is_meta)}
+    log("stock-loader MODEL:", json.dumps(result["extras"]["stockloader"], default=str))
+    mm.unload_all_models()
 
 
 # -- patch pipelining (approximate, opt-in) -------------------------------------------------------

@@ -20,6 +20,7 @@ sys.path.insert(0, str(ROOT))
 
 # name, comfy.supported_models class, unet_config (as detection derives it for the release)
 RELEASES = [
+    ("MiniMax-H3 (33B)", "MiniMaxH3", dict(image_model="minimax_h3")),  # ComfyUI >= 0.30: the class's defaults
     ("Flux.1 dev (12B)", "Flux", dict(image_model="flux", in_channels=16, out_channels=16, vec_in_dim=768,
                                         context_in_dim=4096, hidden_size=3072, mlp_ratio=4.0, num_heads=24, depth=19,
                                         depth_single_blocks=38, axes_dim=[16, 56, 56], theta=10000, patch_size=2,
@@ -115,6 +116,9 @@ def main():
     print("|---|---|---|---|---|---|---|---|")
     gb = 2 / 1e9  # bf16 bytes per parameter, in GB (the meta model is float32: 4 bytes each)
     for name, cls, unet in RELEASES:
+        if not hasattr(sm, cls):
+            print(f"| {name} | (not in this ComfyUI) |")
+            continue
         cfg = getattr(sm, cls)(unet)
         cfg.set_inference_dtype(torch.float32, None)
         dm = cfg.get_model({}, "", device="meta").diffusion_model

@@ -17,7 +17,7 @@ import zlib
 
 import torch
 
-DTYPES = {torch.bfloat16: "BF16", torch.float16: "F16", torch.float32: "F32"}
+DTYPES = {torch.bfloat16: "BF16", torch.float16: "F16", torch.float32: "F32", torch.float8_e4m3fn: "F8_E4M3"}
 
 
 def release_model(name: str):
@@ -30,7 +30,17 @@ def release_model(name: str):
     _, cls, unet = entry
     cfg = getattr(sm, cls)(dict(unet))
     cfg.set_inference_dtype(torch.bfloat16, None)
-    return cfg, cfg.get_model({}, "", device="meta").diffusion_model
+    # Every weight, also under DynamicVRAM (whose layers make theirs only when a file is loaded)
+    import sys
+    mem = sys.modules.get("comfy.memory_management")
+    was = getattr(mem, "aimdo_enabled", False)
+    if mem is not None:
+        mem.aimdo_enabled = False
+    try:
+        return cfg, cfg.get_model({}, "", device="meta").diffusion_model
+    finally:
+        if mem is not None:
+            mem.aimdo_enabled = was
 
 
 def _value(name: str, shape, device, dtype) -> torch.Tensor:
@@ -46,15 +56,27 @@ def _value(name: str, shape, device, dtype) -> torch.Tensor:
     return r.to(dtype)
 
 
-def write(dm: torch.nn.Module, path: str, dtype=torch.bfloat16, device=None) -> int:
-    """Stream the model's state dict, filled with seeded random values, into ``path``."""
+def write(dm: torch.nn.Module, path: str, dtype=torch.bfloat16, device=None, fp8_matrices: bool = False) -> int:
+    """Stream the model's state dict, filled with seeded random values, into ``path``;
+    ``fp8_matrices``: the blocks' weight matrices in ComfyUI's scaled-fp8 layout (float8_e4m3fn
+    weights, a per-layer ``scale_weight``, the ``scaled_fp8`` marker), as released fp8 files;
+    everything else in ``dtype``."""
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
-    sd = dm.state_dict()
+    entries = []  # (key, shape, file dtype, what: "value" | "scale" | "marker")
+    for k, v in dm.state_dict().items():
+        if not v.is_floating_point():
+            entries.append((k, tuple(v.shape), v.dtype, "zeros"))
+        elif fp8_matrices and v.dim() == 2 and k.endswith(".weight") and ".blocks." in f".{k}":
+            entries.append((k, tuple(v.shape), torch.float8_e4m3fn, "fp8"))
+            entries.append((k[: -len(".weight")] + ".scale_weight", (1,), torch.float32, "scale"))
+        else:
+            entries.append((k, tuple(v.shape), dtype, "value"))
+    if fp8_matrices:
+        entries.append(("scaled_fp8", (0,), torch.float8_e4m3fn, "zeros"))
     header, offset = {}, 0
-    for k, v in sd.items():
-        dt = dtype if v.is_floating_point() else v.dtype
-        n = v.numel() * torch.empty(0, dtype=dt).element_size()
-        header[k] = {"dtype": DTYPES.get(dt, "I64"), "shape": list(v.shape), "data_offsets": [offset, offset + n]}
+    for k, shape, dt, _ in entries:
+        n = math.prod(shape) * torch.empty(0, dtype=dt).element_size()
+        header[k] = {"dtype": DTYPES.get(dt, "I64"), "shape": list(shape), "data_offsets": [offset, offset + n]}
         offset += n
     raw = json.dumps(header).encode()
     raw += b" " * (-len(raw) % 8)
@@ -62,8 +84,15 @@ def write(dm: torch.nn.Module, path: str, dtype=torch.bfloat16, device=None) -> 
     with open(tmp, "wb") as f:
         f.write(struct.pack("<Q", len(raw)))
         f.write(raw)
-        for k, v in sd.items():
-            t = _value(k, v.shape, device, dtype) if v.is_floating_point() else torch.zeros(v.shape, dtype=v.dtype)
+        for k, shape, dt, what in entries:
+            if what == "zeros":
+                t = torch.zeros(shape, dtype=dt)
+            elif what == "scale":  # N(0, 1/fan_in) weights stored as w / scale in fp8's range
+                t = torch.full(shape, 1.0 / 64, dtype=dt)
+            elif what == "fp8":
+                t = (_value(k, shape, device, torch.float32) * 64).to(dt)
+            else:
+                t = _value(k, shape, device, dt)
             f.write(t.contiguous().cpu().view(torch.uint8).numpy().tobytes())
     os.replace(tmp, path)
     return offset

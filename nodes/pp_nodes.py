@@ -16,7 +16,7 @@ import latent_preview
 import torch
 
 from ..pp_runtime import comfy_bridge
-from ..pp_runtime.comfy_job import prepare_comfy_job
+from ..pp_runtime.comfy_job import prepare_comfy_job, sampler_output
 from ..pp_runtime.group import WorkerError, parse_devices, shared_group
 from ..pp_runtime.jobs import CFG_MODES, JobError
 from ..pp_runtime.split import STRATEGIES, SplitError, parse_manual
@@ -310,8 +310,14 @@ def pp_sample(model, group, positive, negative, latent_image, **kw):
 
     def on_step(i, n, x0):
         # The worker streams x0 to host memory; ComfyUI's previewers (TAESD on the GPU) take
-        # it where the stock sampler's x0 is: on the MODEL's load device.
-        preview(i, x0.to(model.load_device) if x0 is not None else None, None, n)
+        # it where the stock sampler's x0 is: on the MODEL's load device, nested as the stock
+        # sampler hands it over (LTX-2, MiniMax-H3: video + audio).
+        if isinstance(x0, list):
+            from comfy.nested_tensor import NestedTensor
+            x0 = NestedTensor([t.to(model.load_device) for t in x0])
+        elif x0 is not None:
+            x0 = x0.to(model.load_device)
+        preview(i, x0, None, n)
     try:
         result = workers.run(job, tensors, rank_tensors=rank_tensors, on_step=on_step,
                              should_interrupt=comfy.model_management.processing_interrupted)
@@ -319,13 +325,11 @@ def pp_sample(model, group, positive, negative, latent_image, **kw):
         raise RuntimeError(f"PP KSampler: {e}") from None
     if result["interrupted"]:
         raise comfy.model_management.InterruptProcessingException()
-    out = latent_image.copy()
     latents = result["latents"]
     if isinstance(latents, list):  # LTX-2: the video and audio latents, as the stock sampler returns them
         from comfy.nested_tensor import NestedTensor
         latents = NestedTensor(latents)
-    out["samples"] = latents
-    return (out,)
+    return (sampler_output(latent_image, latents),)
 
 
 NODE_CLASS_MAPPINGS = {

@@ -21,6 +21,7 @@ import os
 import struct
 import tempfile
 import weakref
+from dataclasses import dataclass
 
 import torch
 
@@ -139,44 +140,81 @@ def file_metadata(path: str) -> dict:
     return read_header(path).get("__metadata__") or {}
 
 
-def converted_header(path: str):
-    """The file's state dict as ComfyUI's loader sees it after its key handling: the
-    diffusion-model prefix stripped and old scaled-fp8 layouts converted to ComfyUI's
-    quantized-layer keys.  Returns (prefix, sd, metadata, file_key): big tensors stay
-    meta, ``file_key[k]`` is where key ``k`` lives in the file (None: made by the
-    conversion, already real in ``sd``)."""
+@dataclass
+class FileLayout:
+    """A diffusion-model file as ComfyUI's stock loader sees it, computed from its header
+    alone.  ``sd``: the state dict after the loader's key handling (prefix, old quantized
+    layouts, diffusers names): what detection and ``get_model`` read; ``load``: what
+    ``load_model_weights`` loads after the model config's ``process_unet_state_dict``
+    (e.g. released Flux/Chroma/HunyuanVideo files' ``*_norm.scale`` -> ``.weight`` since
+    ComfyUI 0.14).  Big tensors stay meta.  ``sources[k]``: where key ``k`` of ``load`` is
+    in the file: ``(file key, None)``, or ``(file key, (shape, stride, offset))`` for a view
+    of a file tensor (a fused projection split in three); absent: no file tensor (made by
+    the conversion, real in ``load``, or built from several: ``derived``)."""
+    config: object
+    sd: dict
+    load: dict
+    metadata: dict
+    sources: dict
+    derived: list
+
+
+def stock_key_handling(sd: dict, metadata: dict):
+    """ComfyUI's own key handling of its diffusion-model loader
+    (``comfy.sd.load_diffusion_model_state_dict``), step by step with its functions: old
+    quantized layouts converted, the checkpoint prefix stripped, the model detected, a
+    diffusers-format file converted.  -> (model config or None, sd, metadata)."""
     import comfy.utils
     from comfy import model_detection
-    read_header(path)
-    sd = header_state_dict(path, small=16)
+    sd, metadata = comfy.utils.convert_old_quants(dict(sd), "", metadata=metadata)
     prefix = model_detection.unet_prefix_from_state_dict(sd)
     stripped = comfy.utils.state_dict_prefix_replace(sd, {prefix: ""}, filter_keys=True)
     if stripped:
-        sd = stripped
-    else:
-        prefix = ""
-    original = set(sd)
-    sd, metadata = comfy.utils.convert_old_quants(dict(sd), "", metadata=file_metadata(path))
-    renamed = {".weight_scale": ".scale_weight", ".input_scale": ".scale_input"}
-    file_key = {}
-    for k in sd:
-        if k in original:
-            file_key[k] = prefix + k
-        else:
-            old = next((k[: -len(n)] + o for n, o in renamed.items() if k.endswith(n)), None)
-            file_key[k] = prefix + old if old in original else None
-    return prefix, sd, metadata, file_key
-
-
-def detect(path: str):
-    """(model_config, key prefix, state dict) as ComfyUI's diffusion-model loader detects them."""
-    from comfy import model_detection
-    prefix, sd, metadata, _ = converted_header(path)
+        sd, metadata = comfy.utils.convert_old_quants(stripped, "", metadata=metadata)
     config = model_detection.model_config_from_unet(sd, "", metadata=metadata)
+    if config is None:
+        converted = model_detection.convert_diffusers_mmdit(sd, "")
+        if converted is not None:
+            sd, config = converted, model_detection.model_config_from_unet(converted, "")
+    return config, sd, metadata
+
+
+def file_layout(path: str, config_spec: dict | None = None) -> FileLayout:
+    """The file's ``FileLayout``; ``config_spec``: a carried model config (``pack_config``)
+    to use instead of the detected one."""
+    import comfy.utils
+    read_header(path)
+    raw = header_state_dict(path, small=16)
+    config, sd, metadata = stock_key_handling(raw, file_metadata(path))
+    if config_spec is not None:
+        config = unpack_config(config_spec)
+        quant = comfy.utils.detect_layer_quantization(sd, "")
+        if quant:
+            config.quant_config = quant
     if config is None:
         raise CarryError(f"ComfyUI cannot detect a diffusion model in {os.path.basename(path)}: its tensor names "
                          f"match no model ComfyUI knows (a LoRA, a VAE or a text encoder?): pick a diffusion model")
-    return config, prefix, sd
+    load = config.process_unet_state_dict(dict(sd))
+    # Where each tensor came from: ComfyUI's handling renames (the same tensor object) or
+    # slices (a view of it); anything else was built, from nothing or from several.
+    origin = {id(t): k for k, t in raw.items() if t.is_meta}
+    sources, derived = {}, []
+    for k, t in load.items():
+        if not t.is_meta:
+            continue
+        if id(t) in origin:
+            sources[k] = (origin[id(t)], None)
+        elif t._base is not None and id(t._base) in origin:
+            sources[k] = (origin[id(t._base)], (tuple(t.shape), tuple(t.stride()), t.storage_offset()))
+        else:
+            derived.append(k)
+    return FileLayout(config, sd, load, metadata, sources, derived)
+
+
+def detect(path: str):
+    """(model_config, state dict) as ComfyUI's diffusion-model loader detects them."""
+    layout = file_layout(path)
+    return layout.config, layout.sd
 
 
 def stock_dtypes(config, sd, weight_dtype=None):
@@ -237,27 +275,39 @@ def unpack_config(spec: dict):
 
 
 def meta_base_model(path: str, dtype, manual_cast, config: dict | None = None, real_buffers: bool = False):
-    """ComfyUI's BaseModel for the file, its diffusion model on the meta device: the carried
-    ``config`` (``pack_config``), else the one ComfyUI's detection finds in the file.
+    """ComfyUI's BaseModel for the file, its diffusion model on the meta device, and the
+    file's ``FileLayout``: the carried ``config`` (``pack_config``), else the one ComfyUI's
+    detection finds in the file.
 
     ``real_buffers`` (a worker, which runs the model): buffers are built for real on the CPU
     (``parameters_on_meta``).  Only in a worker process: the construction hook is
     process-wide, and the ComfyUI process builds stock models on other threads."""
-    if config is None:
-        model_config, prefix, sd = detect(path)
-    else:
-        import comfy.utils
-        prefix, sd, _, _ = converted_header(path)
-        model_config = unpack_config(config)
-        quant = comfy.utils.detect_layer_quantization(sd, "")
-        if quant:
-            model_config.quant_config = quant
+    layout = file_layout(path, config)
+    model_config = layout.config
     model_config.set_inference_dtype(dtype, manual_cast)
     if not real_buffers:
-        return model_config.get_model(sd, "", device="meta"), prefix
+        base = model_config.get_model(layout.sd, "", device="meta")
+        _lazy_weights_on_meta(base.diffusion_model, layout.load, dtype)
+        return base, layout
     with parameters_on_meta():
-        base = model_config.get_model(sd, "", device="cpu")
-    return base, prefix
+        base = model_config.get_model(layout.sd, "", device="cpu")
+    return base, layout
+
+
+def _lazy_weights_on_meta(model, load: dict, dtype) -> None:
+    """With DynamicVRAM (comfy-aimdo on: ComfyUI's default on NVIDIA GPUs) ComfyUI's layers
+    make their weights only when a state dict is loaded into them; a model built on the
+    meta device then has none, and its state dict (the LoRA key map, the split's sizes)
+    misses every layer.  Give such a layer meta weights of the file's shapes, in the dtype
+    it would hold."""
+    for name, module in model.named_modules():
+        for attr, lazy in (("weight", hasattr(module, "weight_comfy_model_dtype")),
+                           ("bias", getattr(module, "comfy_need_lazy_init_bias", False))):
+            src = load.get(f"{name}.{attr}" if name else attr)
+            if lazy and getattr(module, attr, None) is None and src is not None:
+                held = getattr(module, f"{attr}_comfy_model_dtype", None) or dtype or src.dtype
+                setattr(module, attr, torch.nn.Parameter(torch.empty(src.shape, dtype=held, device="meta"),
+                                                         requires_grad=False))
 
 
 @contextlib.contextmanager
@@ -295,30 +345,50 @@ def read_tensors(path: str, keys: list[str]):
             yield key, buf.view(_DTYPES[info["dtype"]]).reshape(info["shape"])
 
 
-def load_stage_weights(diffusion_model, path: str, file_prefix: str, prefixes: list[str], device) -> int:
-    """Read only this stage's tensors from the file into the meta model, converted to the
-    dtype the stock loader would use (quantized layers keep their stored form and go
-    through ComfyUI's own layer loading), one tensor at a time onto ``device``; returns
-    the bytes read."""
-    _, sd, _, file_key = converted_header(path)
-    wanted = [k for k in sd if k.startswith(tuple(prefixes))]
+def load_stage_weights(diffusion_model, path: str, layout: FileLayout, prefixes: list[str], device) -> int:
+    """Read only this stage's tensors from the file into the meta model, with the stock
+    loader's key handling (``layout``) and in the dtype it would use (quantized layers keep
+    their stored form and go through ComfyUI's own layer loading), one tensor at a time
+    onto ``device``; returns the bytes read.
+
+    A file whose conversion builds tensors from several (a diffusers-format file: fused
+    projections concatenated) is converted as the stock loader does, from the whole file,
+    and this stage keeps its part."""
+    load = layout.load
+    wanted = [k for k in load if k.startswith(tuple(prefixes))]
     params = dict(list(diffusion_model.named_parameters()) + list(diffusion_model.named_buffers()))
     saved = saved_names(diffusion_model)  # not the buffers a model computes itself
-    missing = [n for n in params if n in saved and n.startswith(tuple(prefixes)) and n not in sd]
+    missing = [n for n in params if n in saved and n.startswith(tuple(prefixes)) and n not in load]
     if missing:
-        raise CarryError(f"{os.path.basename(path)} has no tensor {file_prefix + missing[0]!r} (and "
-                         f"{len(missing) - 1} more) for this stage")
+        raise CarryError(f"{os.path.basename(path)} has no tensor {missing[0]!r} (and "
+                         f"{len(missing) - 1} more) for this stage, after ComfyUI's key handling")
     quant_layers = {k[: -len(".comfy_quant")] for k in wanted if k.endswith(".comfy_quant")}
     for name, module in diffusion_model.named_modules():  # quantized layers load onto their factory device
         if name and f"{name}.".startswith(tuple(prefixes)) and isinstance(getattr(module, "factory_kwargs", None), dict):
             module.factory_kwargs["device"] = device
-    from_file = {file_key[k]: k for k in wanted if sd[k].is_meta}
-    out, nbytes = {k: sd[k].to(device) for k in wanted if not sd[k].is_meta}, 0
-    for fkey, t in read_tensors(path, list(from_file)):
-        k = from_file[fkey]
-        nbytes += t.numel() * t.element_size()
+
+    def place(k, t):
+        if k.endswith(".comfy_quant"):  # a quantized layer's config: ComfyUI (>= 0.2x) reads it on the host
+            return t
         keep = k.rsplit(".", 1)[0] in quant_layers or k not in params
-        out[k] = t.to(device=device) if keep else t.to(device=device, dtype=params[k].dtype)
+        return t.to(device=device) if keep else t.to(device=device, dtype=params[k].dtype)
+
+    out, nbytes = {k: place(k, load[k]) for k in wanted if not load[k].is_meta}, 0
+    if any(k in layout.derived for k in wanted):
+        for k, t in converted_file(path, layout).items():
+            if k in wanted and load[k].is_meta:
+                nbytes += t.numel() * t.element_size()
+                out[k] = place(k, t)
+    else:
+        users: dict[str, list] = {}
+        for k in wanted:
+            if load[k].is_meta:
+                fkey, view = layout.sources[k]
+                users.setdefault(fkey, []).append((k, view))
+        for fkey, t in read_tensors(path, list(users)):
+            nbytes += t.numel() * t.element_size()
+            for k, view in users[fkey]:
+                out[k] = place(k, t if view is None else t.as_strided(*view))
     # Module by module: a quantized layer outside this stage must not be asked to load.
     for pre in prefixes:
         if not pre.endswith("."):  # a top-level tensor of its own (e.g. a marker buffer)
@@ -331,6 +401,16 @@ def load_stage_weights(diffusion_model, path: str, file_prefix: str, prefixes: l
         if part:
             diffusion_model.get_submodule(pre.rstrip(".")).load_state_dict(part, strict=False, assign=True)
     return nbytes
+
+
+def converted_file(path: str, layout: FileLayout) -> dict:
+    """The whole file through the stock loader's key handling, for real: for files whose
+    conversion builds tensors (``FileLayout.derived``).  Host RAM holds the converted
+    model for the moment of placement."""
+    import comfy.utils
+    sd, metadata = comfy.utils.load_torch_file(path, return_metadata=True)
+    _, sd, _ = stock_key_handling(sd, metadata)
+    return layout.config.process_unet_state_dict(sd)
 
 
 def saved_names(model) -> set[str]:
@@ -354,17 +434,40 @@ def unpatch_in_place(base) -> None:
     """ComfyUI patches weights (LoRA) in place when it loads a MODEL for its own sampler;
     unload the loaded MODELs on this BaseModel whose weights are patched, so that its
     weights are the file's again.  A MODEL loaded without weight patches stays loaded."""
-    import comfy.model_management as mm
     if getattr(base, "current_weight_patches_uuid", None) is None:
         return
+    unload_from_comfy(base)
+    if getattr(base, "current_weight_patches_uuid", None) is not None:
+        raise CarryError("the MODEL's weights are patched in place and cannot be read unpatched; "
+                         "load it again with Load Diffusion Model")
+
+
+def loaded_from_file(model) -> str | None:
+    """The diffusion-model file a stock-loader MODEL's weights are, untouched: ComfyUI records
+    how it made a patcher (``cached_patcher_init``: ``comfy.sd.load_diffusion_model`` with
+    the file and options), so the workers can read that file as the stock loader did; None
+    where it did not (an older ComfyUI, a merged or an in-memory model) or with loader
+    options that change the weights (custom operations)."""
+    import comfy.sd
+    init = getattr(model, "cached_patcher_init", None)
+    if not init or init[0] is not comfy.sd.load_diffusion_model or len(init) > 2:
+        return None
+    args = init[1]
+    path, options = args[0], (args[1] if len(args) > 1 else {}) or {}
+    if set(options) - {"dtype", "fp8_optimizations"} or not isinstance(path, str) or not os.path.isfile(path):
+        return None
+    return path
+
+
+def unload_from_comfy(base) -> None:
+    """Unload the loaded MODELs on this BaseModel from ComfyUI's model management (their
+    device copies, the weights a dynamic MODEL patched)."""
+    import comfy.model_management as mm
     for i in range(len(mm.current_loaded_models) - 1, -1, -1):
         lm = mm.current_loaded_models[i]
         if lm.model is not None and lm.model.model is base:
             lm.model_unload()
             mm.current_loaded_models.pop(i)
-    if getattr(base, "current_weight_patches_uuid", None) is not None:
-        raise CarryError("the MODEL's weights are patched in place and cannot be read unpatched; "
-                         "load it again with Load Diffusion Model")
 
 
 def weights_fingerprint(diffusion_model) -> str:
@@ -614,6 +717,43 @@ def unpack_weight_patches(meta: dict, tensors: dict, stage: int) -> dict:
 
 
 # -- conditioning ---------------------------------------------------------------------
+def pack_tree(value, prefix: str, tensors: dict, what: str) -> dict:
+    """Nested lists / tuples / dicts of tensors and plain values (MiniMax-H3's keyframes and
+    references, its model input ``minimax_payload``) as JSON: torch's pytree spec and one
+    description per leaf.  The tensors go into ``tensors`` as ``<prefix>.<j>``, each tensor
+    object once (a keyframe's latent is also in the payload's ``cond_video_latents``)."""
+    from torch.utils import _pytree as pytree
+    leaves, spec = pytree.tree_flatten(value)
+    seen, described = {}, []
+    for leaf in leaves:
+        if torch.is_tensor(leaf):
+            j = seen.setdefault(id(leaf), len(seen))
+            tensors[f"{prefix}.{j}"] = leaf
+            described.append({"t": j})
+        elif leaf is None or isinstance(leaf, (bool, int, float, str)):
+            described.append({"v": leaf})
+        else:
+            raise CarryError(f"{what} holds {type(leaf).__name__}, which PP KSampler cannot carry to the workers")
+    try:
+        dumped = pytree.treespec_dumps(spec)
+    except Exception as e:  # e.g. a dict with tuple keys, a custom pytree node
+        raise CarryError(f"{what} has a structure PP KSampler cannot carry to the workers ({e})") from None
+    return {"spec": dumped, "leaves": described}
+
+
+def unpack_tree(packed: dict, prefix: str, tensors: dict):
+    """The inverse of ``pack_tree``."""
+    from torch.utils import _pytree as pytree
+    leaves = [tensors[f"{prefix}.{d['t']}"] if "t" in d else d["v"] for d in packed["leaves"]]
+    return pytree.tree_unflatten(leaves, pytree.treespec_loads(packed["spec"]))
+
+
+def _is_tree(v) -> bool:
+    """A list/tuple of dicts (MiniMax-H3's ``minimax_keyframes`` / ``minimax_refs``), carried
+    with ``pack_tree``."""
+    return isinstance(v, (list, tuple)) and bool(v) and all(isinstance(x, dict) for x in v)
+
+
 def pack_conditioning(name: str, conditioning) -> tuple[list, dict]:
     """CONDITIONING ([[tensor, {options}], ...]) as JSON + tensors named '<name>.<i>.<key>'."""
     meta, tensors = [], {}
@@ -634,10 +774,9 @@ def pack_conditioning(name: str, conditioning) -> tuple[list, dict]:
             elif isinstance(v, (list, tuple)) and all(isinstance(x, (bool, int, float, str)) for x in v):
                 entry[k] = {"t": "tuple" if isinstance(v, tuple) else "list", "v": list(v)}
             elif type(v).__name__ == "Output" and type(v).__module__ == "comfy.clip_vision":
-                keys = [a for a, x in vars(v).items() if torch.is_tensor(x)]  # CLIP vision (Wan i2v)
-                for a in keys:
-                    tensors[f"{key}.{a}"] = getattr(v, a)
-                entry[k] = {"t": "clip_vision_output", "keys": keys}
+                entry[k] = _pack_clip_vision(name, k, v, key, tensors)  # CLIP vision (Wan i2v, Z-Image omni)
+            elif _is_tree(v):  # MiniMax-H3's keyframes (MiniMaxH3AddGuide) and references (ReferenceToVideo)
+                entry[k] = {"t": "tree", **pack_tree(v, key, tensors, f"the {name} conditioning's '{k}'")}
             elif k == "control":
                 raise CarryError("the conditioning has a ControlNet (Apply ControlNet); PP KSampler does not "
                                  "run ControlNets yet: remove it or use the stock KSampler")
@@ -646,6 +785,25 @@ def pack_conditioning(name: str, conditioning) -> tuple[list, dict]:
                                  f"cannot carry to the workers: remove the node that added it")
         meta.append(entry)
     return meta, tensors
+
+
+def _pack_clip_vision(name: str, k: str, v, key: str, tensors: dict) -> dict:
+    """A CLIP vision output: its tensors, its lists of image sizes (``image_sizes``, ComfyUI
+    0.3x), its plain values; anything else is refused by name."""
+    spec = {"t": "clip_vision_output", "keys": [], "sizes": {}, "values": {}}
+    for a, x in vars(v).items():
+        if torch.is_tensor(x):
+            tensors[f"{key}.{a}"] = x
+            spec["keys"].append(a)
+        elif isinstance(x, (list, tuple)) and all(isinstance(e, torch.Size) for e in x):
+            spec["sizes"][a] = [list(e) for e in x]
+        elif _plain(x):
+            spec["values"][a] = x
+        else:
+            raise CarryError(f"the {name} conditioning's '{k}' (CLIP vision output) has '{a}' "
+                             f"({type(x).__name__}), which PP KSampler cannot carry to the workers: remove the "
+                             f"node that added it")
+    return spec
 
 
 def unpack_conditioning(name: str, meta: list, tensors: dict) -> list:
@@ -660,11 +818,17 @@ def unpack_conditioning(name: str, meta: list, tensors: dict) -> list:
                 opts[k] = [tensors[f"{key}.{j}"] for j in range(spec["n"])]
             elif spec["t"] == "tuple":
                 opts[k] = tuple(spec["v"])
+            elif spec["t"] == "tree":
+                opts[k] = unpack_tree(spec, key, tensors)
             elif spec["t"] == "clip_vision_output":
                 import comfy.clip_vision
                 clip = comfy.clip_vision.Output()
                 for a in spec["keys"]:
                     clip[a] = tensors[f"{key}.{a}"]
+                for a, sizes in spec.get("sizes", {}).items():
+                    clip[a] = [torch.Size(x) for x in sizes]
+                for a, x in spec.get("values", {}).items():
+                    clip[a] = x
                 opts[k] = clip
             else:
                 opts[k] = spec["v"]
@@ -672,22 +836,27 @@ def unpack_conditioning(name: str, meta: list, tensors: dict) -> list:
     return out
 
 
-def pack_latent(name: str, value) -> dict:
-    """A LATENT tensor, or a NestedTensor (LTX-2: video + audio), as named tensors."""
+def latent_parts(name: str, value) -> dict:
+    """A LATENT tensor, or a NestedTensor (LTX-2, MiniMax-H3: video + audio), as named
+    tensors: ``{name: tensor}`` or ``{name#0: video, name#1: audio}``; {} for None."""
+    if value is None:
+        return {}
     if getattr(value, "is_nested", False):
         return {f"{name}#{i}": t for i, t in enumerate(value.unbind())}
     return {name: value}
 
 
-def unpack_latent(name: str, tensors: dict):
-    """The inverse of ``pack_latent``; None if absent."""
+def latent_from_parts(name: str, tensors: dict, nested=None):
+    """The inverse of ``latent_parts``: the tensor, or its parts as a NestedTensor
+    (``nested``: the class to build them into; default ComfyUI's); None if absent."""
     if name in tensors:
         return tensors[name]
     parts = sorted((int(k.rpartition("#")[2]), v) for k, v in tensors.items() if k.startswith(name + "#"))
     if not parts:
         return None
-    import comfy.nested_tensor
-    return comfy.nested_tensor.NestedTensor([v for _, v in parts])
+    if nested is None:
+        from comfy.nested_tensor import NestedTensor as nested
+    return nested([v for _, v in parts])
 
 
 def json_roundtrip(x):
@@ -702,7 +871,7 @@ def load_on_disk(path: str, weight_dtype=None):
     import comfy.model_management as mm
     import comfy.model_patcher
 
-    config, _, sd = detect(path)
+    config, sd = detect(path)
     dtype, manual = stock_dtypes(config, sd, weight_dtype)
     base, _ = meta_base_model(path, dtype, manual)
     model_profile(base.diffusion_model)  # a family that cannot be staged is refused here, with what to use

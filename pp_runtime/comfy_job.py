@@ -20,33 +20,71 @@ from .topology import Topology
 def weights_source(model, free_host_copy: bool = False, export_dir: str | None = None) -> dict:
     """Where the workers read the weights, and in which dtypes (as the stock loader chose).
 
-    ``free_host_copy``: once a MODEL from the stock loader has been handed over, drop its
-    weights from the ComfyUI process (they go to the meta device; the MODEL then works
-    only with PP samplers, which read the handed-over copy)."""
+    A MODEL from PP Load Diffusion Model names its file; so does one from the stock loader
+    when ComfyUI recorded how it was made (``cached_patcher_init``, ComfyUI >= 0.2x:
+    ``comfy.sd.load_diffusion_model(path, options)``): the workers read that file with the
+    stock loader's key handling, and only the MODEL's patches cross.  Any other MODEL
+    (merged or changed in memory, or an older ComfyUI's) is exported once
+    (``comfy_bridge.export_weights``).
+
+    ``free_host_copy``: once a stock-loader MODEL has been handed over, drop its weights from
+    the ComfyUI process (they go to the meta device; the MODEL then works only with PP
+    samplers, which read the handed-over copy)."""
     base = model.model
     src = getattr(base, "pp_source", None)
     try:
         if src is not None:  # PP Load Diffusion Model, or a MODEL whose host copy was freed
             cb.check_stamp(src)
             return dict(src)
-        path = cb.export_weights(base, export_dir)
+        path = cb.loaded_from_file(model)
+        if path is None:
+            path = cb.export_weights(base, export_dir)
     except cb.CarryError as e:
         raise JobError(str(e)) from e
     src = {"path": path, "dtype": cb.dtype_name(base.get_dtype()),
            "manual_cast": cb.dtype_name(base.manual_cast_dtype), "config": cb.pack_config(base.model_config),
            "stamp": cb.file_stamp(path)}
     if free_host_copy:
+        cb.unload_from_comfy(base)
         base.diffusion_model.to("meta")
         base.pp_source = src
     return src
 
 
-def check_latent(model, samples: torch.Tensor) -> torch.Tensor:
+# What an empty-latent node may add to a LATENT besides its samples: the downscale ratios it
+# assumed (ComfyUI >= 0.11), for ComfyUI's own fix of an empty latent to this model.
+LATENT_HINTS = ("downscale_ratio_spacial", "downscale_ratio_temporal")
+
+
+def fixed_latent(model, latent: dict):
+    """The LATENT's samples as the stock KSampler samples them: ComfyUI's
+    ``fix_empty_latent_channels`` (an empty latent resized to this model's channels, scale
+    and frames; the format's own fix, which may make it nested), given the downscale
+    ratios the latent carries where this ComfyUI takes them."""
+    import inspect
+
     import comfy.sample
-    if getattr(samples, "is_nested", False):  # LTX-2's video + audio latents: ComfyUI's own checks only
-        return samples
+    fix = comfy.sample.fix_empty_latent_channels
+    takes = inspect.signature(fix).parameters
+    return fix(model, latent["samples"], **{k: latent.get(k) for k in LATENT_HINTS if k in takes})
+
+
+def sampler_output(latent: dict, samples) -> dict:
+    """The LATENT a sampler returns: the input's entries with new samples, less the
+    empty-latent hints (as the stock ``common_ksampler`` does)."""
+    out = {k: v for k, v in latent.items() if k not in LATENT_HINTS}
+    out["samples"] = samples
+    return out
+
+
+def check_latent(model, latent: dict):
+    """The fixed samples (``fixed_latent``), refused with what to change if they do not fit
+    the model."""
+    samples = latent["samples"]
+    fixed = fixed_latent(model, latent)
+    if getattr(fixed, "is_nested", False):  # video + audio latents (LTX-2, MiniMax-H3): ComfyUI's own checks only
+        return fixed
     fmt = model.get_model_object("latent_format")
-    fixed = comfy.sample.fix_empty_latent_channels(model, samples)
     family = type(model.model).__name__
     if fixed.shape[1] != fmt.latent_channels:
         raise JobError(f"the LATENT has {samples.shape[1]} channels but this {family} model expects "
@@ -101,7 +139,7 @@ def prepare_comfy_job(world: int, model, positive, negative, latent: dict, *, se
     if cfg_mode.get("cfg_normalize"):
         raise JobError("cfg_normalize is a diffusers-loop option; PP KSampler combines CFG with ComfyUI's own "
                        "function: turn cfg_normalize off")
-    samples = check_latent(model, latent["samples"])
+    samples = check_latent(model, latent)
     if mode == "off":
         cfg = 1.0  # one branch: ComfyUI itself skips the uncond pass at cfg 1
     do_cfg = cfg != 1.0
@@ -149,9 +187,9 @@ def prepare_comfy_job(world: int, model, positive, negative, latent: dict, *, se
     }
     tensors.update(pos_t)
     tensors.update(neg_t)
-    tensors.update(cb.pack_latent("latent.samples", samples))
+    tensors.update(cb.latent_parts("latent.samples", samples))
     if latent.get("noise_mask") is not None:
-        tensors.update(cb.pack_latent("latent.noise_mask", latent["noise_mask"]))
+        tensors.update(cb.latent_parts("latent.noise_mask", latent["noise_mask"]))
     cb.json_roundtrip(job)
     return job, tensors, lambda rank: stage_tensors[topo.coords_of(rank)["pp"]]
 

@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import functools
 import inspect
+import json
 import time
 
 import torch
@@ -57,12 +58,12 @@ class ComfyStage:
         self.range = (start, end)
         self.dtype = cb.dtype_of(spec["dtype"])
         cb.check_stamp(spec)  # every rank reads the file the job was built for
-        self.base, prefix = cb.meta_base_model(spec["path"], self.dtype, cb.dtype_of(spec.get("manual_cast")),
+        self.base, layout = cb.meta_base_model(spec["path"], self.dtype, cb.dtype_of(spec.get("manual_cast")),
                                                spec.get("config"), real_buffers=True)
         dm = self.base.diffusion_model
         self.family = family_for(dm)
         prefixes = stage_prefixes(dm, self.family, start, end, topo.is_first, topo.is_last)
-        self.bytes_read = cb.load_stage_weights(dm, spec["path"], prefix, prefixes, device)
+        self.bytes_read = cb.load_stage_weights(dm, spec["path"], layout, prefixes, device)
         self.base.model_sampling.to(device)
         # Buffers the model computes itself (not in the file) go to the device; saved ones of
         # other stages' blocks (allocated by the constructor, never filled) are dropped.
@@ -143,6 +144,9 @@ def _peak_rss() -> int:
 # What of ComfyUI's per-call transformer_options the stages see (the rest are callables of
 # the ComfyUI process, refused when the job is built, or set by the forward itself).
 PASS_OPTIONS = ("sigmas", "sample_sigmas")
+# Entries of dict model inputs that are not sent: host objects the model rebuilds itself from
+# the rest (MiniMax-H3's PackedLayout: _forward builds it when absent; the same output).
+REBUILT = {"minimax_payload": ("layout", "_text_token_tags_list")}
 
 
 def rows_of(x) -> int:
@@ -155,7 +159,8 @@ def encode_pass(x, timestep, context, kwargs: dict, rows: list[int], branch: lis
     """A pass as one tensor dict: per-row tensors are cut into micro-batches by the receiver
     (``r.`` keys, or a leading dimension equal to the pass's rows), ``w.`` keys are whole.
     Keys say what a value was: ``t.`` tensor, ``l.``/``u.`` list/tuple of tensors, ``b.``/``i.``/
-    ``f.``/``s.`` bool/int/float/str, ``n.`` list of numbers."""
+    ``f.``/``s.`` bool/int/float/str, ``n.`` list of numbers, ``j.`` a dict (its pytree spec and
+    plain leaves as JSON; its tensors ``jt.<name>.<j>``), whole, without what ``REBUILT`` names."""
     total = sum(rows)
     out = {ROWS: torch.tensor(rows), BRANCH: torch.tensor(branch)}
     if patches:
@@ -180,6 +185,10 @@ def encode_pass(x, timestep, context, kwargs: dict, rows: list[int], branch: lis
             out[f"n.{k}"] = torch.tensor(list(v), dtype=dtype)
         elif isinstance(v, str):  # e.g. ref_latents_method (Kontext / Qwen edit)
             out[f"s.{k}"] = torch.tensor(list(v.encode()), dtype=torch.uint8)
+        elif isinstance(v, dict):  # e.g. MiniMax-H3's minimax_payload
+            v = {n: e for n, e in v.items() if n not in REBUILT.get(k, ())}
+            spec = cb.pack_tree(v, f"jt.{k}", out, f"model input '{k}'")
+            out[f"j.{k}"] = torch.tensor(list(json.dumps(spec).encode()), dtype=torch.uint8)
         else:
             raise cb.CarryError(f"model input '{k}' ({type(v).__name__}) cannot cross a stage boundary")
     for k in PASS_OPTIONS:
@@ -199,7 +208,7 @@ def decode_pass(msg: dict):
     branch = msg[BRANCH].tolist()
     total = sum(rows)
     seqs: dict[tuple, list] = {}
-    kw, opts, row_opts = {}, {}, {}
+    kw, opts, row_opts, trees = {}, {}, {}, {}
     for key, v in msg.items():
         if key in (ROWS, BRANCH, PATCHES):
             continue
@@ -215,6 +224,8 @@ def decode_pass(msg: dict):
             kw[name] = bytes(v.tolist()).decode()
         elif kind == "n":
             kw[name] = v.tolist()
+        elif kind == "j":
+            trees[name] = json.loads(bytes(v.tolist()).decode())
         elif kind == "r":
             row_opts[name.removeprefix("o.")] = v
         elif kind == "w":
@@ -222,6 +233,8 @@ def decode_pass(msg: dict):
     for (kind, n), items in seqs.items():
         values = [v for _, v in sorted(items, key=lambda e: e[0])]
         kw[n] = tuple(values) if kind == "u" else values
+    for n, spec in trees.items():  # a dict input: whole in every micro-batch (``cut`` leaves dicts alone)
+        kw[n] = cb.unpack_tree(spec, f"jt.{n}", msg)
     out, a = [], 0
     for r in rows:
         def cut(v, a=a, r=r):
@@ -569,6 +582,15 @@ class _PassAsModel:
         return _pass_from_args(object.__getattribute__(self, "_runner"), type(real)._forward, real, args, kwargs)
 
 
+def empty_noise(latent_image):
+    """The stock sampler's noise with add_noise off: ComfyUI's ``prepare_empty_noise`` (which
+    knows nested latents), or zeros where this ComfyUI has no such function."""
+    import comfy.sample
+    if hasattr(comfy.sample, "prepare_empty_noise"):
+        return comfy.sample.prepare_empty_noise(latent_image)
+    return torch.zeros(latent_image.size(), dtype=latent_image.dtype, layout=latent_image.layout)
+
+
 def sample_on_last_rank(runner: ComfyPipelineRunner, stage: ComfyStage, job: dict, tensors: dict,
                         on_step, should_stop):
     """Run ComfyUI's KSampler path with the proxy; returns the samples (or raises PipelineStopped)."""
@@ -596,9 +618,9 @@ def sample_on_last_rank(runner: ComfyPipelineRunner, stage: ComfyStage, job: dic
         cond = job["conditioning"]
         positive = cb.unpack_conditioning("positive", cond["positive"], tensors)
         negative = cb.unpack_conditioning("negative", cond["negative"], tensors)
-        latent_image = comfy.sample.fix_empty_latent_channels(patcher, cb.unpack_latent("latent.samples", tensors))
+        latent_image = cb.latent_from_parts("latent.samples", tensors)  # fixed by the host (comfy_job.fixed_latent)
         if s["disable_noise"]:
-            noise = torch.zeros(latent_image.size(), dtype=latent_image.dtype, layout=latent_image.layout)
+            noise = empty_noise(latent_image)
         else:
             noise = comfy.sample.prepare_noise(latent_image, s["seed"], job["latent"].get("batch_index"))
 
@@ -612,7 +634,7 @@ def sample_on_last_rank(runner: ComfyPipelineRunner, stage: ComfyStage, job: dic
             patcher, noise, s["steps"], s["cfg"], s["sampler_name"], s["scheduler"], positive, negative,
             latent_image, denoise=s["denoise"], disable_noise=s["disable_noise"], start_step=s.get("start_step"),
             last_step=s.get("last_step"), force_full_denoise=s.get("force_full_denoise", False),
-            noise_mask=cb.unpack_latent("latent.noise_mask", tensors), callback=callback, disable_pbar=True,
+            noise_mask=cb.latent_from_parts("latent.noise_mask", tensors), callback=callback, disable_pbar=True,
             seed=s["seed"])
     finally:
         base.diffusion_model = real_dm

@@ -20,7 +20,6 @@ from .staging import BlockList, Family
 
 DUAL = ("img", "txt")
 TXT_IMG = ("txt", "img")  # joint attention order: text tokens first
-IMG_TXT = ("img", "txt")
 
 FAMILIES = (
     # comfy/ldm/flux/model.py (Flux.1 dev/schnell, Kontext, Flux.2, Ovis): txt/img concatenated
@@ -29,7 +28,11 @@ FAMILIES = (
            (BlockList("double_blocks", "double_block", DUAL, cost=0.5, joint=TXT_IMG),
             BlockList("single_blocks", "single_block", ("img",), joint=("img",))),
            head=("final_layer",), modulation=("img_mod", "txt_mod", "modulation"),
-           patches=PatchSpec(positional=(("pe", 2),), classes=("comfy.ldm.flux.model:Flux",))),
+           patches=PatchSpec(positional=(("pe", 2),), classes=("comfy.ldm.flux.model:Flux",),
+                             unsupported_inputs=(("ref_latents_method", "index_timestep_zero",
+                                                  "params.default_ref_method", "ref_latents",
+                                                  "its reference tokens get their own timestep inside each "
+                                                  "block"),))),
     # comfy/ldm/chroma/model.py, comfy/ldm/chroma_radiance/model.py (its NeRF head after the loops)
     Family("Chroma", ("comfy.ldm.chroma.model:Chroma",),
            (BlockList("double_blocks", "double_block", DUAL, cost=0.5, joint=TXT_IMG),
@@ -37,8 +40,9 @@ FAMILIES = (
            head=("final_layer", "nerf_image_embedder", "nerf_blocks", "nerf_final_layer", "nerf_final_layer_conv"),
            patches=PatchSpec(positional=(("pe", 2),), classes=("comfy.ldm.chroma.model:Chroma",))),
     # comfy/ldm/hunyuan_video/model.py (HunyuanVideo 1.0 t2v/i2v, 1.5, HunyuanImage 2.1)
+    # (joint order: text first since ComfyUI 0.14; a block built with flipped_img_txt, image first)
     Family("HunyuanVideo", ("comfy.ldm.hunyuan_video.model:HunyuanVideo",),
-           (BlockList("double_blocks", "double_block", DUAL, cost=0.5, joint=IMG_TXT),
+           (BlockList("double_blocks", "double_block", DUAL, cost=0.5, joint=TXT_IMG),
             BlockList("single_blocks", "single_block", ("img",), joint=("img",))),
            head=("final_layer",), modulation=("img_mod", "txt_mod", "modulation"),
            patches=PatchSpec(positional=(("pe", 2),),
@@ -64,6 +68,23 @@ FAMILIES = (
            (BlockList("transformer_blocks", "double_block", ("img",)),),
            head=("norm_out", "proj_out", "scale_shift_table", "audio_norm_out", "audio_proj_out",
                  "audio_scale_shift_table")),
+    # comfy/ldm/minimax/model.py (MiniMax-H3 video+audio, ComfyUI >= 0.33; absent from older ones, which
+    # _cls skips): one packed stream [tokens, hidden] (text | keyframe/reference rows | audio | video),
+    # no batch dim, batch 1: ComfyUI never batches cond and uncond (each cond's minimax_payload holds
+    # its own PackedLayout, so CONDConstant.can_concat is False), so every pass carries one row.
+    # "double_block" hook, args {img, t_emb, mod_segments, rope_freqs, transformer_options}.
+    # entry "_forward": forward() rescales the audio outside the DIFFUSION_MODEL wrappers, which the
+    # last rank's PipelineProxy runs once around the pass (ComfyUI 0.34+ also brackets the wrappers
+    # with comfy.model_prefetch malloc_graph_begin/end there: calling _forward on the stages keeps
+    # that graph from being begun on one rank's stage and ended across a stage boundary).  The
+    # text refiner and condition_proj run only in MiniMaxH3.extra_conds on the last rank (stages
+    # get the context already hidden-wide), so they ride with the head.  adaln_proj acts on a few
+    # timestep rows.  No patch pipelining (patches None): the state has no batch dim and
+    # mod_segments / rope_freqs index the whole token sequence.
+    Family("MiniMaxH3", ("comfy.ldm.minimax.model:MiniMaxH3Model",),
+           (BlockList("blocks", "double_block", ("img",)),),
+           head=("final_layer", "token_refiner", "condition_proj"), modulation=("adaln_proj",),
+           entry="_forward"),
     # comfy/ldm/modules/diffusionmodules/mmdit.py (SD3, SD3.5)
     Family("MMDiT", ("comfy.ldm.modules.diffusionmodules.mmdit:MMDiT",),
            (BlockList("joint_blocks", "double_block", DUAL, cost=0.5),),

@@ -490,7 +490,7 @@ class WorkerGroup:
                     self.progress = (msg["step"] + 1, msg["total"])
                 if msg["op"] == "step" and on_step is not None and raised is None:
                     try:
-                        on_step(msg["step"], msg["total"], t.get("latents"))
+                        on_step(msg["step"], msg["total"], _latents(t))
                     except BaseException as e:  # e.g. ComfyUI's interrupt from its progress bar:
                         raised = e              # stop the workers cleanly, then re-raise
                     continue
@@ -499,11 +499,8 @@ class WorkerGroup:
                 elif msg["op"] == "done":
                     ranks[msg["rank"]] = msg
                     spans.extend(msg.pop("spans"))
-                    if "latents" in t:
-                        result = t["latents"]
-                    elif any(k.startswith("latents#") for k in t):  # several latents (LTX-2: video + audio)
-                        result = [t[k] for k in sorted((k for k in t if k.startswith("latents#")),
-                                                       key=lambda k: int(k.rpartition("#")[2]))]
+                    if any(k == "latents" or k.startswith("latents#") for k in t):
+                        result = _latents(t)
             self.state = "idle"
             host["done"] = time.monotonic()
             self.held = [ranks[r].get("held") or {} for r in range(self.world)]
@@ -591,3 +588,12 @@ def shutdown_all() -> None:
 
 
 atexit.register(shutdown_all)
+
+
+def _latents(tensors: dict):
+    """A message's latents: the tensor, or the list of its parts when the worker sent a
+    nested latent (``latents#0``, ``latents#1``: LTX-2's, MiniMax-H3's video + audio); None."""
+    if "latents" in tensors:
+        return tensors["latents"]
+    parts = sorted((int(k.rpartition("#")[2]), v) for k, v in tensors.items() if k.startswith("latents#"))
+    return [v for _, v in parts] or None

@@ -159,8 +159,13 @@ def describe_support(family, diffusion_model) -> str | None:
 
 def check_inputs(family, diffusion_model, kwargs: dict) -> None:
     """Refuse a pass whose inputs patches cannot cut (before any stage runs it)."""
+    import operator
     for name, value, default, present, why in family.patches.unsupported_inputs:
-        if kwargs.get(present) is not None and kwargs.get(name, getattr(diffusion_model, default, None)) == value:
+        try:
+            fallback = operator.attrgetter(default)(diffusion_model)  # e.g. Flux's "params.default_ref_method"
+        except AttributeError:
+            fallback = None
+        if kwargs.get(present) is not None and kwargs.get(name, fallback) == value:
             raise PatchUnsupported(f"patch pipelining cannot run {family.name} with {name} '{value}' ({why}): "
                                    f"turn patches off")
 

@@ -9,8 +9,9 @@ MODEL (JSON); on the last rank ``apply`` runs the same nodes' own code on the sa
 model, so ComfyUI's implementation wraps the pipeline exactly as it wraps one model:
 a skipped model call is a skipped pipeline pass, a window is a pass on a shorter latent.
 
-Anything else a node hooked into the MODEL (a wrapper, callback or attachment of another
-kind) is refused with its name: dropping it silently would sample something else.
+Anything else a node hooked into the MODEL (a wrapper, callback, attachment, injection
+such as a bypass LoRA, weight wrapper or hook patch) is refused with its name: dropping it
+silently would sample something else.
 """
 from __future__ import annotations
 
@@ -36,15 +37,7 @@ def describe(model) -> list[dict]:
                     "end_percent": holder.end_percent, "verbose": bool(holder.verbose)})
     handler = model.model_options.get("context_handler")
     if handler is not None:
-        if type(handler).__name__ != "IndexListContextHandler":
-            raise UnsupportedPatch(f"the MODEL has a context handler '{type(handler).__name__}' PP KSampler "
-                                   f"does not know: remove the node that added it")
-        out.append({"kind": "ContextWindows", "context_length": handler.context_length,
-                    "context_overlap": handler.context_overlap, "context_schedule": handler.context_schedule.name,
-                    "context_stride": handler.context_stride, "closed_loop": bool(handler.closed_loop),
-                    "fuse_method": handler.fuse_method.name, "dim": handler.dim, "freenoise": bool(handler.freenoise),
-                    "cond_retain_index_list": ",".join(str(i) for i in handler.cond_retain_index_list),
-                    "split_conds_to_windows": bool(handler.split_conds_to_windows)})
+        out.append(context_windows(model, handler))
     for what, table in (("wrapper", getattr(model, "wrappers", {})), ("callback", getattr(model, "callbacks", {}))):
         for kind, by_key in table.items():
             for key, fns in by_key.items():
@@ -52,6 +45,18 @@ def describe(model) -> list[dict]:
                     raise UnsupportedPatch(f"the MODEL has a {kind} {what} '{key}' from a model-patch node that PP "
                                            f"KSampler cannot run on the workers: remove that node, or use the stock "
                                            f"KSampler")
+    for key, injections in (getattr(model, "injections", {}) or {}).items():
+        if injections:
+            what = "a bypass LoRA (Load LoRA (Bypass))" if key == "bypass_lora" else f"injections '{key}'"
+            raise UnsupportedPatch(f"the MODEL has {what}, which PP KSampler cannot apply on split stages: use the "
+                                   f"ordinary Load LoRA node, or the stock KSampler")
+    if getattr(model, "weight_wrapper_patches", None):
+        raise UnsupportedPatch(f"the MODEL has weight wrappers {sorted(model.weight_wrapper_patches)[:3]} from a "
+                               f"model-patch node that PP KSampler cannot run on the workers: remove that node")
+    if getattr(model, "hook_patches", None):
+        raise UnsupportedPatch("the MODEL has hook patches (hooked LoRA or scheduled weights, from the 'Create "
+                               "Hook' nodes) that PP KSampler cannot run on the workers: remove those nodes, or "
+                               "use the stock KSampler")
     for key in getattr(model, "attachments", {}) or {}:
         raise UnsupportedPatch(f"the MODEL has an attachment '{key}' from a model-patch node that PP KSampler cannot "
                                f"carry to the workers: remove that node, or use the stock KSampler")
@@ -59,6 +64,41 @@ def describe(model) -> list[dict]:
         raise UnsupportedPatch(f"the MODEL brings additional models {list(model.additional_models)} (a ControlNet, "
                                f"an IP adapter?) that PP KSampler cannot run: remove that node")
     return out
+
+
+def context_windows(model, handler) -> dict:
+    """The settings of a context-window handler as the context-window node takes them (its
+    ``execute`` parameters, read off the handler), checked by building the handler again
+    from them: a setting the node does not take, or one read wrongly, is refused by name."""
+    import inspect
+
+    from comfy_extras.nodes_context_windows import ContextWindowsManualNode
+    if type(handler).__name__ != "IndexListContextHandler":
+        raise UnsupportedPatch(f"the MODEL has a context handler '{type(handler).__name__}' PP KSampler "
+                               f"does not know: remove the node that added it")
+    spec = {"kind": "ContextWindows"}
+    for name in inspect.signature(ContextWindowsManualNode.execute).parameters:
+        if name in ("cls", "model"):
+            continue
+        value = getattr(handler, name)
+        if isinstance(value, (list, tuple)):  # index lists: the node takes "0,1"
+            value = ",".join(str(i) for i in value)
+        elif not isinstance(value, (bool, int, float, str)) and hasattr(value, "name"):  # schedule, fuse method
+            value = value.name
+        spec[name] = value
+    again = apply(model.clone(), [spec]).model_options["context_handler"]
+    differ = [k for k, v in vars(handler).items() if not callable(v) and k != "callbacks" and not k.startswith("_")
+              and not _same(v, getattr(again, k, None))]
+    if differ:
+        raise UnsupportedPatch(f"the context-window settings {differ} cannot be carried to the workers: remove the "
+                               f"context-window node, or use the stock KSampler")
+    return spec
+
+
+def _same(a, b) -> bool:
+    if hasattr(a, "name") and hasattr(b, "name") and not isinstance(a, (str, int, float)):
+        return a.name == b.name
+    return a == b
 
 
 def apply(patcher, specs: list[dict]):

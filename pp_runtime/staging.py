@@ -73,6 +73,11 @@ class Family:
     modulation: tuple[str, ...] = ()  # submodule names acting on one vector per item (left out of costs)
     note: str = ""
     patches: PatchSpec | None = None  # patch pipelining (patches.py); None: refused
+    entry: str = ""  # the diffusion model's method a stage calls ("": the module, i.e. its forward).
+    #                  "_forward" where forward() does work outside the DIFFUSION_MODEL wrappers that
+    #                  the last rank's PipelineProxy already does once per pass (MiniMax H3: the audio
+    #                  rescale in and out; newer ComfyUI also its malloc_graph_begin/end, which must
+    #                  not span a stage boundary, and a denoise-mask multiply)
 
 
 class StageBoundary(BaseException):
@@ -245,6 +250,7 @@ class StageForward:
             self.offsets[bl.path] = g
             g += len(model.get_submodule(bl.path))
         self.list_at = [bl for _, _, bl in self.blocks]  # the block list of each global block
+        self.joint_at = [joint_order(m, bl) for _, m, bl in self.blocks]  # patch pipelining: per block
         self._pass: _Pass | None = None
 
     def __call__(self, args: tuple, kwargs: dict, state_in: dict | None = None, patch=None):
@@ -274,6 +280,10 @@ class StageForward:
         self.kv.clear()
         self.graphs.clear()
 
+    def _entry(self):
+        """What a stage calls: the model (its forward), or the family's ``entry`` method."""
+        return getattr(self.model, self.family.entry) if self.family.entry else self.model
+
     def _before_replay(self) -> None:
         """What a replayed patch call does before its first block, as an eager one does."""
         if self.cancelled():
@@ -290,7 +300,7 @@ class StageForward:
         kwargs["transformer_options"] = self._options(kwargs.get("transformer_options") or {})
         try:
             with self._stand_ins():
-                out = self.model(*args, **kwargs)
+                out = self._entry()(*args, **kwargs)
         except StageBoundary as b:
             if self.last:
                 raise StagingError("the last stage reached a stage boundary") from None
@@ -314,7 +324,7 @@ class StageForward:
         p = self._pass
         patch = p.patch
         if patch is not None and p.segments is None:  # the first block the forward reaches (all ranks
-            names = self.list_at[g].joint               # pass it through, full size): the segments
+            names = self.joint_at[g]                    # pass it through, full size): the segments
             p.segments = [hidden[n].shape[1] for n in names] if len(names) > 1 else [hidden[names[0]].shape[1]]
             p.total = self.tokens = sum(p.segments)
             if patch.mode == "patch":
@@ -324,7 +334,7 @@ class StageForward:
         if g < self.start:
             return None
         if patch is not None and patch.mode == "patch" and self.first and not p.injected:
-            hidden = cut(hidden, self.list_at[g].joint, p.segments, p.spans)
+            hidden = cut(hidden, self.joint_at[g], p.segments, p.spans)
             p.injected = True
         if not self.first and not p.injected:
             hidden = {k: p.state_in[k] for k in hidden}
@@ -375,9 +385,9 @@ class StageForward:
                     self.graphs.clear()
                 return inner(*args, **kwargs)
             mask = kwargs.get("mask", args[4] if len(args) > 4 else None)
-            if mask is not None and any(s != 1 for s in mask.shape[:-1]):
-                raise PatchUnsupported("patch pipelining cannot cut an attention mask over the queries (e.g. an "
-                                       "attention mask in the conditioning): turn patches off")
+            if mask is not None and (any(s != 1 for s in mask.shape[:-1]) or mask.shape[-1] != p.total):
+                raise PatchUnsupported("patch pipelining cannot cut an attention mask (e.g. Qwen-Image's text mask "
+                                       "from the conditioning, or a mask over the queries): turn patches off")
             cached = self.kv.kv.get(key)
             n = sum(b - a for a, b in p.spans)
             if cached is None or cached[0].shape[dim] != p.total or k.shape[dim] != n:
@@ -415,7 +425,7 @@ class StageForward:
             hidden = self._enter(g, {k: args[k] for k in bl.hidden})
             if hidden is _REPLACE:
                 p = self._pass
-                return join(p.patch.outputs, bl.joint, p.segments, patch_ranges(p.segments, p.patch.count))
+                return join(p.patch.outputs, self.joint_at[g], p.segments, patch_ranges(p.segments, p.patch.count))
             if hidden is None:
                 return {k: args[k] for k in bl.hidden}
             args = {**args, **hidden}
@@ -467,6 +477,13 @@ class StageForward:
             out = tuple(bound.arguments[k] for k in returns)
             return out[0] if len(out) == 1 else out
         return forward
+
+
+def joint_order(block: torch.nn.Module, bl: BlockList) -> tuple[str, ...]:
+    """The order in which ``block``'s attention joins its hidden-state tokens: the table's
+    (``bl.joint``: the current ComfyUI's), reversed for a block built with
+    ``flipped_img_txt`` (ComfyUI < 0.14 built HunyuanVideo's double blocks image first)."""
+    return tuple(reversed(bl.joint)) if getattr(block, "flipped_img_txt", False) else bl.joint
 
 
 def _identity(x, *args, **kwargs):

@@ -75,33 +75,35 @@ class Worker:
         with self._send_lock:  # the main thread and the step streamer both send
             wire.send(self.conn, {"rank": self.rank, **msg}, tensors)
 
-    def stream_step(self, msg: dict, latents: torch.Tensor | None) -> None:
-        """Send a step (and its latents, if any) to the host without stalling the device: a
-        non-blocking copy into pinned host memory (a buffer reused from step to step), sent
-        by the streamer thread once the copy is done.  (A plain ``.cpu()`` here would make
-        every step wait for the GPU to drain; a new pinned buffer per step costs a
-        cudaHostAlloc each time.)"""
-        if latents is None:
-            host, done = None, None
-        elif latents.is_cuda:
-            key = (tuple(latents.shape), latents.dtype)
-            free = self._pinned.setdefault(key, [])
-            host = free.pop() if free else torch.empty(latents.shape, dtype=latents.dtype, pin_memory=True)
-            host.copy_(latents, non_blocking=True)
-            done = torch.cuda.Event()
+    def stream_step(self, msg: dict, latents) -> None:
+        """Send a step (and its latents, if any: a tensor, or a NestedTensor of several, e.g.
+        LTX-2's video + audio) to the host without stalling the device: non-blocking copies
+        into pinned host memory (buffers reused from step to step), sent by the streamer
+        thread once the copies are done.  (A plain ``.cpu()`` here would make every step wait
+        for the GPU to drain; a new pinned buffer per step costs a cudaHostAlloc each time.)"""
+        from .comfy_bridge import latent_parts
+        hosts, done = {}, None
+        for name, t in latent_parts("latents", latents).items():
+            if t.is_cuda:
+                free = self._pinned.setdefault((tuple(t.shape), t.dtype), [])
+                hosts[name] = free.pop() if free else torch.empty(t.shape, dtype=t.dtype, pin_memory=True)
+                hosts[name].copy_(t, non_blocking=True)
+                done = torch.cuda.Event()
+            else:
+                hosts[name] = t.clone()  # the sampler may update it in place
+        if done is not None:
             done.record()
-        else:
-            host, done = latents.clone(), None  # the sampler may update it in place
-        self._steps.put((msg, host, done))
+        self._steps.put((msg, hosts, done))
 
     def _stream(self):
         while True:
-            msg, host, done = self._steps.get()
+            msg, hosts, done = self._steps.get()
             if done is not None:
                 done.synchronize()
-            self.send(msg, {"latents": host} if host is not None else None)
-            if done is not None:  # sent (copied into the message): the buffer may be reused
-                self._pinned[(tuple(host.shape), host.dtype)].append(host)
+            self.send(msg, hosts or None)
+            for host in hosts.values():  # sent (copied into the message): pinned buffers may be reused
+                if host.is_pinned():
+                    self._pinned[(tuple(host.shape), host.dtype)].append(host)
             self._steps.task_done()
 
     def serve(self):
@@ -114,7 +116,8 @@ class Worker:
             self.current_job = msg.get("job") if msg["op"] == "run" else None
             try:
                 self.handlers[msg["op"]](msg, tensors)
-            except Exception as e:  # report, then leave: the group is torn down
+            except BaseException as e:  # report, then leave: the group is torn down (ComfyUI's
+                #                            InterruptProcessingException is a BaseException since 0.20)
                 self.send({"op": "error", "job": msg.get("job"), "traceback": traceback.format_exc(),
                            **describe_failure(e, self.rank, self.device, self.activity, self.memory_cap)})
                 self.exit(1)
@@ -273,8 +276,8 @@ class Worker:
                 "load_peak_growth": stage.load_peak_growth if info["loaded"] else 0, "mem": mem_info(self.device), "clock0_ms": runner.timeline._t0 * 1e3}
         out = None
         if topo.is_output_rank and result is not None:
-            from .comfy_bridge import pack_latent
-            out = pack_latent("latents", result)
+            from .comfy_bridge import latent_parts
+            out = latent_parts("latents", result)
         self._steps.join()  # every step message before 'done'
         self.send(done, out)
 
@@ -349,7 +352,10 @@ def comfy_runtime() -> dict:
     """What this worker's ComfyUI runs with: its carried flags and the attention function
     ComfyUI chose (for the panel and the tests: the same as the ComfyUI process's)."""
     import comfy.ldm.modules.attention as attention
-    return {"flags": comfy_flags(), "attention": attention.optimized_attention.__name__}
+    from comfy.cli_args import args
+    aimdo = getattr(sys.modules.get("comfy.memory_management"), "aimdo_enabled", False)
+    return {"flags": comfy_flags(), "attention": attention.optimized_attention.__name__,
+            "dynamic_vram": bool(aimdo), "compiler": not getattr(args, "disable_comfy_compiler", True) and bool(aimdo)}
 
 
 def import_comfy(device: torch.device) -> None:

@@ -57,6 +57,18 @@ def import_comfy() -> tuple[Path | None, str]:
     return root, ""
 
 
+def comfy_version() -> str:
+    """The found ComfyUI's version (its ``comfyui_version.py``), e.g. ``0.33.0``: what the
+    test caches are keyed by."""
+    root = find_comfy_root()
+    if root is None:
+        return "none"
+    text = (root / "comfyui_version.py").read_text() if (root / "comfyui_version.py").is_file() else ""
+    import re
+    m = re.search(r"__version__\s*=\s*['\"]([^'\"]+)", text)
+    return m.group(1) if m else "unknown"
+
+
 def must_run() -> bool:
     """``PP_REQUIRE_COMFY=1`` (set by .ci/run): a ComfyUI tier that cannot run fails, never skips."""
     return os.environ.get("PP_REQUIRE_COMFY", "0") == "1"

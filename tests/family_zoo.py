@@ -35,6 +35,10 @@ class Case:
     detectable: bool = False
     cfg: float = 3.0                 # a guidance scale for the CFG tests
     note: str = ""
+    requires: str = ""               # "module:Class" a newer ComfyUI has (``available``); "": every one
+    newer: tuple = ()                # ("module:Class", {setting: value}): settings only a newer ComfyUI's
+    #                                  class (or its params dataclass) takes, set where the running one does
+    cfg_batched: bool = True         # False: the model takes batch 1 (ComfyUI calls it per cond/uncond)
 
 
 def _flux(**kw):
@@ -61,7 +65,20 @@ def _hunyuan(**kw):
     return {**base, **kw}
 
 
-CASES = [
+def _minimax(**kw):
+    # Detection reads every size from the weights (latents_dim = video_out rows // 4: the 1x2x2
+    # patch is fixed).  text_dim != hidden_size, or the token refiner is skipped altogether;
+    # rope_inv_freq_len 4 -> rotary dim 24 <= head dim 32.  None: a key detection does not emit.
+    base = dict(image_model="minimax_h3", hidden_size=64, num_layers=4, token_refiner_num_layers=1,
+                num_attention_heads=2, attention_head_dim=32, ffn_hidden_size=96, latents_dim=24,
+                audio_latents_dim=32, text_dim=48, timestep_input_dim=32, time_embed_hidden_size=64,
+                time_embed_dim=40, rope_inv_freq_len=4)
+    return {k: v for k, v in {**base, **kw}.items() if v is not None}
+
+
+MINIMAX = "comfy.ldm.minimax.model:MiniMaxH3Model"
+
+ALL_CASES = [
     # -- comfy.ldm.flux ---------------------------------------------------------------
     Case("flux1_dev", "Flux", _flux(), (1, 16, 8, 8), (6, 32), {"pooled_output": (1, 32), "guidance": 3.5}),
     Case("flux1_schnell", "FluxSchnell", _flux(guidance_embed=False), (1, 16, 8, 8), (6, 32),
@@ -88,7 +105,8 @@ CASES = [
               patch_size=8, qkv_bias=True, in_dim=64, out_dim=64, hidden_dim=96, n_layers=2, nerf_hidden_size=16,
               nerf_mlp_ratio=2, nerf_depth=2, nerf_max_freqs=4, nerf_tile_size=512, nerf_final_head_type="linear",
               nerf_embedder_dtype=torch.float32, use_x0=False),
-         (1, 3, 32, 32), (6, 32), {"pooled_output": (1, 32)}),
+         (1, 3, 32, 32), (6, 32), {"pooled_output": (1, 32)},
+         newer=(("comfy.ldm.chroma_radiance.model:ChromaRadianceParams", {"use_sequential_txt_ids": True}),)),
     # -- comfy.ldm.wan ----------------------------------------------------------------
     Case("wan21_t2v", "WAN21_T2V", _wan(text_dim=4096), (1, 16, 2, 8, 8), (6, 4096), detectable=True),
     Case("wan21_i2v", "WAN21_I2V", _wan(model_type="i2v", in_dim=36), (1, 16, 2, 8, 8), (6, 4096),
@@ -131,7 +149,10 @@ CASES = [
     # LTX-2: video and audio latents sampled together (a NestedTensor LATENT)
     Case("ltx2_av", "LTXAV", dict(image_model="ltxav", num_layers=4, attention_head_dim=4, cross_attention_dim=128,
                                    audio_attention_head_dim=2, audio_cross_attention_dim=64, caption_channels=32,
-                                   in_channels=128, audio_in_channels=128),
+                                   in_channels=128, audio_in_channels=128,
+                                   # v0.33's text connectors (3840 wide by default: 2.8 GB); v0.8 has none
+                                   connector_attention_head_dim=16, connector_num_attention_heads=2,
+                                   connector_num_layers=1),
          ((1, 128, 2, 2, 2), (1, 8, 4, 16)), (6, 64), {"frame_rate": 24.0, "attention_mask": "ones"},
          detectable=True),
     # -- comfy.ldm.modules.diffusionmodules.mmdit (SD3, SD3.5) ---------------------------
@@ -203,8 +224,40 @@ CASES = [
               extra_per_block_abs_pos_emb=True, rope_h_extrapolation_ratio=1.0, rope_w_extrapolation_ratio=1.0,
               rope_t_extrapolation_ratio=2.0, extra_per_block_abs_pos_emb_type="learnable"),
          (1, 16, 2, 8, 8), (6, 32), {"frame_rate": 24.0}),
+    # -- comfy.ldm.minimax (MiniMax-H3, ComfyUI >= 0.33) -------------------------------------------
+    # video [1,24,T,H,W] + audio [1,32,2,Ta] latents sampled together (a NestedTensor LATENT, as
+    # EmptyMiniMaxH3LatentAV makes it: 64x64 px, 5 frames -> T 2, Ta 8); batch 1: cond and uncond
+    # are separate model calls.  The text encoder's per-token modality tags ride along.
+    Case("minimax_h3", "MiniMaxH3", _minimax(), ((1, 24, 2, 4, 4), (1, 32, 2, 8)), (6, 48),
+         {"minimax_token_tags": "tags"}, detectable=True, requires=MINIMAX, cfg_batched=False),
+    # the pruned ("curve") checkpoints: an adaln_t_table buffer instead of the time embedder
+    Case("minimax_h3_pruned", "MiniMaxH3",
+         _minimax(adaln_curve_grid=17, time_embed_dim=8, timestep_input_dim=None, time_embed_hidden_size=None),
+         ((1, 24, 2, 4, 4), (1, 32, 2, 8)), (6, 48), {"minimax_token_tags": "tags"}, detectable=True,
+         requires=MINIMAX, cfg_batched=False),
 ]
 
+
+def available(case: Case) -> bool:
+    """The case's model class is in this ComfyUI (MiniMax-H3 needs >= 0.33; older trees skip
+    its cases).  With ComfyUI imported (tier 2, the test server) the class is imported;
+    before that (collecting a tier-3 module) its source file is looked for."""
+    if not case.requires:
+        return True
+    import importlib
+    import sys
+    module, _, name = case.requires.partition(":")
+    if "comfy.model_management" in sys.modules:
+        try:
+            return hasattr(importlib.import_module(module), name)
+        except ImportError:
+            return False
+    from comfy_env import find_comfy_root
+    root = find_comfy_root()
+    return root is not None and (root / (module.replace(".", "/") + ".py")).is_file()
+
+
+CASES = [c for c in ALL_CASES if available(c)]
 BY_NAME = {c.name: c for c in CASES}
 
 
@@ -226,7 +279,24 @@ def _seeded(name: str, shape, seed: int) -> torch.Tensor:
 def config(case: Case):
     import comfy.supported_models as sm
     unet = dict(case.unet)
+    for path, settings in case.newer:
+        unet.update({k: v for k, v in settings.items() if _takes(path, k)})
     return getattr(sm, case.config)(unet)
+
+
+def _takes(path: str, name: str) -> bool:
+    """Whether the running ComfyUI's ``module:Class`` (a dataclass or a class) takes ``name``."""
+    import dataclasses
+    import importlib
+    import inspect
+    module, _, cls = path.partition(":")
+    try:
+        obj = getattr(importlib.import_module(module), cls)
+    except (ImportError, AttributeError):
+        return False
+    if dataclasses.is_dataclass(obj):
+        return name in {f.name for f in dataclasses.fields(obj)}
+    return name in inspect.signature(obj).parameters
 
 
 def state_dict(case: Case, seed: int = 0, dtype=torch.float32) -> dict[str, torch.Tensor]:
@@ -298,6 +368,10 @@ def conditioning(case: Case, seed: int = 0):
         for k, spec in case.options.items():
             if spec == "ones":
                 opts[k] = torch.ones(1, case.context[0], dtype=torch.long)
+            elif spec == "tags":  # MiniMax-H3's text encoder: 1 text token, 0 vision pad (a run of 2)
+                tags = torch.ones(case.context[0], dtype=torch.long)
+                tags[1:3] = 0
+                opts[k] = tags
             elif spec == "first_frame":
                 mask = torch.ones((1, 1) + tuple(case.latent[2:]))  # a video latent's frames
                 mask[:, :, :1] = 0.0

@@ -58,11 +58,17 @@ def randomize(module: torch.nn.Module, seed: int = 0) -> torch.nn.Module:
     return module
 
 
-def _write(model: torch.nn.Module, path, dtype, seed: int, metadata=None) -> Path:
+def released_flux_name(key: str) -> str:
+    """Black Forest Labs' name of a Flux weight: the QK norms' scales stay ``.scale`` in
+    released files (ComfyUI >= 0.14 names them ``.weight`` and renames them when it loads)."""
+    return key[: -len(".weight")] + ".scale" if key.endswith("_norm.weight") else key
+
+
+def _write(model: torch.nn.Module, path, dtype, seed: int, metadata=None, name=lambda k: k) -> Path:
     from safetensors.torch import save_file
 
     g = torch.Generator().manual_seed(seed)
-    sd = {k: _random(k, v.shape, g).to(dtype).contiguous() for k, v in model.state_dict().items()}
+    sd = {name(k): _random(k, v.shape, g).to(dtype).contiguous() for k, v in model.state_dict().items()}
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
@@ -98,13 +104,14 @@ QWEN_IMAGE_DETECTED = dict(patch_size=2, in_channels=64, out_channels=16, attent
 
 def make_flux1(path, guidance: bool = True, depth: int = 1, depth_single_blocks: int = 1,
                dtype=torch.float8_e4m3fn, seed: int = 0) -> Path:
-    """Flux.1 dev (``guidance=True``) or schnell (``guidance=False``)."""
+    """Flux.1 dev (``guidance=True``) or schnell (``guidance=False``), in the released file's
+    key layout (BFL's names)."""
     import comfy.ops
     from comfy.ldm.flux.model import Flux
 
     model = Flux(depth=depth, depth_single_blocks=depth_single_blocks, guidance_embed=guidance,
                  device="meta", operations=comfy.ops.disable_weight_init, **FLUX1_DETECTED)
-    return _write(model, path, dtype, seed)
+    return _write(model, path, dtype, seed, name=released_flux_name)
 
 
 def make_qwen_image(path, num_layers: int = 2, index_timestep_zero: bool = False,
@@ -121,18 +128,28 @@ def make_qwen_image(path, num_layers: int = 2, index_timestep_zero: bool = False
 
 
 # Bump when the generated contents change (the name keys the cache).
-VERSION = 1
+VERSION = 2  # 2: Flux in the released key layout
 CACHE_ENV = "PP_TEST_MODEL_CACHE"
+
+
+def test_model_cache() -> Path:
+    """Where generated test model files are kept: ``$PP_TEST_MODEL_CACHE``, else
+    ``<tmp>/pp-test-models``, in a subfolder per ComfyUI version and commit (a file is
+    written from the running ComfyUI's classes, in its key layout: a run on another
+    ComfyUI tree must never read it, nor overwrite it)."""
+    from comfy_env import comfy_version
+    base = Path(os.environ.get(CACHE_ENV) or Path(tempfile.gettempdir()) / "pp-test-models")
+    return base / f"comfyui-{comfy_version()}"
 
 
 def cached_model_files(cache_dir=None) -> dict[str, Path]:
     """The test models, written once into a cache folder and reused across sessions.
 
-    Folder: ``cache_dir``, else ``$PP_TEST_MODEL_CACHE``, else ``<tmp>/pp-test-models``.
+    Folder: ``cache_dir``, else ``test_model_cache()``.
     Keys: ``wan21_t2v`` (~4 MB), ``flux1_dev`` (~545 MB, ~10 s to write on 2 cores),
     ``qwen_image`` (~720 MB, ~1 min to write on 2 busy cores).
     """
-    d = Path(cache_dir or os.environ.get(CACHE_ENV) or Path(tempfile.gettempdir()) / "pp-test-models")
+    d = Path(cache_dir) if cache_dir else test_model_cache()
     files = {"wan21_t2v": (d / f"pp_tiny_wan21_t2v_v{VERSION}.safetensors", make_wan21_t2v),
              "flux1_dev": (d / f"pp_tiny_flux1_dev_v{VERSION}.safetensors", make_flux1),
              "qwen_image": (d / f"pp_tiny_qwen_image_v{VERSION}.safetensors", make_qwen_image)}

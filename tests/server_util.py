@@ -458,6 +458,21 @@ class ComfyServer:
             self.object_info = info
         return [c for c in class_types if c not in self.object_info]
 
+    def node_inputs(self, class_type: str, **given) -> dict:
+        """A node's inputs for an API graph: ``given``, and for every other input this server's
+        node has (required and optional), its default from /object_info; inputs the node does
+        not have are dropped (a setting of another ComfyUI release).  Link inputs (no
+        default) must be given."""
+        info = self.object_info[class_type]["input"]
+        out = {}
+        for section in ("required", "optional"):
+            for name, spec in (info.get(section) or {}).items():
+                if name in given:
+                    out[name] = given[name]
+                elif len(spec) > 1 and isinstance(spec[1], dict) and "default" in spec[1]:
+                    out[name] = spec[1]["default"]
+        return out
+
     def require_nodes(self, *class_types: str):
         missing = self.has_nodes(*class_types)
         if missing:

@@ -263,3 +263,66 @@ def test_qwen_image_edit_reference_latent(qwen, negative_ref):
     print(f"Qwen-Image edit ({'both' if negative_ref else 'positive'}): max|diff| {diff:.2e}, "
           f"reference latent changed the result by {effect:.2e}")
     assert diff <= TOL and effect > 1e-3
+
+
+# ------------------------------------------------------------------- MiniMax-H3 (ComfyUI >= 0.33)
+import family_zoo as zoo  # noqa: E402
+
+
+@pytest.mark.skipif("minimax_h3" not in zoo.BY_NAME,
+                    reason="this ComfyUI has no MiniMax-H3 (comfy.ldm.minimax, ComfyUI >= 0.33)")
+def test_minimax_h3_keyframes_lora_previews_and_cancel(setup):
+    """MiniMax-H3 (video + audio latents, batch 1: cond and uncond are separate passes) on 2
+    stages: an fl2va conditioning (a keyframe's video + audio latents, cond noise augmentation:
+    ``minimax_keyframes`` carried to the last rank, ``minimax_payload`` to every rank) with a
+    denoise mask, a LoRA on blocks of both stages, the token refiner (last stage only) and the
+    head; previews of both streams; a cancel after the first step, then an exact run again."""
+    import comfy.nested_tensor
+    group = setup[3]
+    case = zoo.BY_NAME["minimax_h3"]
+    model = zoo.model(case)
+    pos, neg = zoo.conditioning(case, 1)
+    g = torch.Generator().manual_seed(5)
+    pos[0][1].update({"minimax_keyframes": [{"resolved_frame_index": 0,
+                                             "latent": torch.randn(1, 24, 1, 4, 4, generator=g),
+                                             "audio_latent": torch.randn(1, 32, 2, 3, generator=g)}],
+                      "minimax_visual_cond_noise_aug": 0.9})
+    vm = torch.ones(1, 1, 2, 4, 4)
+    vm[..., :2, :] = 0.3
+    mask = comfy.nested_tensor.NestedTensor([vm, torch.ones(1, 1, 2, 8)])
+    latent = {"samples": zoo.latent(case), "noise_mask": mask}
+    lora = {}
+    for name, p in model.model.diffusion_model.named_parameters():
+        if name.endswith(("attn.qkv_proj.weight", "mlp.fc2.weight")) or name == "final_layer.video_out.weight":
+            base = "diffusion_model." + name[: -len(".weight")]
+            lora[f"{base}.lora_up.weight"] = torch.randn(p.shape[0], 4, generator=g) * 0.2
+            lora[f"{base}.lora_down.weight"] = torch.randn(4, p.shape[1], generator=g) * 0.2
+    patched = comfy.sd.load_lora_for_models(model, None, lora, 0.8, 0)[0]
+
+    def flat(x):
+        return torch.cat([t.flatten() for t in (x if isinstance(x, list) else x.unbind())])
+
+    def run(m, steps=3, **kw):
+        job, tensors, rank_tensors = prepare_comfy_job(group.world, m, pos, neg, latent, seed=5, steps=steps,
+                                                       cfg=3.0, sampler_name="euler", scheduler="simple")
+        job["stream_x0"] = True
+        return group.run(job, tensors, rank_tensors=rank_tensors, **kw)
+
+    results = {}
+    for label, m in (("lora", patched), ("base", model)):
+        noise = comfy.sample.prepare_noise(latent["samples"], 5)
+        ref = comfy.sample.sample(m, noise, 3, 3.0, "euler", "simple", pos, neg, latent["samples"], seed=5,
+                                  noise_mask=latent["noise_mask"], disable_pbar=True)
+        x0s = []
+        res = run(m, on_step=lambda i, n, x0: x0s.append(x0))
+        rel = ((flat(res["latents"]) - flat(ref)).norm() / flat(ref).norm()).item()
+        print(f"MiniMax-H3 {label}: rel L2 {rel:.1e}, patched {[r['patched'] for r in res['ranks']]}")
+        assert rel <= 1e-5
+        assert len(x0s) == 3 and [tuple(t.shape) for t in x0s[-1]] == [(1, 24, 2, 4, 4), (1, 32, 2, 8)]
+        results[label] = flat(ref)
+    assert (results["lora"] - results["base"]).norm() > 1e-2  # the LoRA changed the result
+    seen = []
+    res = run(model, steps=6, on_step=lambda i, n, x0: seen.append(i), should_interrupt=lambda: bool(seen))
+    assert res["interrupted"] and len(seen) < 6
+    again = run(model)
+    assert ((flat(again["latents"]) - results["base"]).norm() / results["base"].norm()).item() <= 1e-5

@@ -60,6 +60,45 @@ def test_flags_carried_and_applied():
         args.force_upcast_attention, args.fast = old
 
 
+def test_every_flag_of_this_comfyui_is_carried_or_left_with_a_reason():
+    """The carried-flag list follows the running ComfyUI's cli_args.py: a flag a new release
+    adds (v0.33: --use-ck-attention, --fp16-intermediates, --disable-cuda-graphs ...) fails
+    here until it is carried or left behind with its reason."""
+    from comfy_env import import_comfy
+    if import_comfy()[0] is None:
+        pytest.skip("needs ComfyUI")
+    from comfy.cli_args import args
+    from pp_runtime.environment import CARRIED_FLAGS, NOT_CARRIED
+    left = {f for flags in NOT_CARRIED.values() for f in flags}
+    assert not set(CARRIED_FLAGS) & left
+    unknown = sorted(f for f in vars(args) if f not in CARRIED_FLAGS and f not in left)
+    assert unknown == [], f"ComfyUI flags neither carried nor left behind: {unknown}"
+
+
+def test_new_flags_and_a_list_valued_verbose_are_carried():
+    """v0.33: the kernel flags reach the workers; --verbose is a list of (level, file) and
+    only its console level travels (a file path of the host is no worker's business)."""
+    from comfy_env import import_comfy
+    if import_comfy()[0] is None:
+        pytest.skip("needs ComfyUI")
+    import json
+    from comfy.cli_args import args
+    new = [f for f in ("use_ck_attention", "fp16_intermediates", "disable_cuda_graphs", "enable_triton_backend")
+           if hasattr(args, f)]
+    old = {f: getattr(args, f) for f in new + ["verbose"]}
+    try:
+        for f in new:
+            setattr(args, f, True)
+        args.verbose = [("DEBUG", "/var/log/comfy.log"), ("WARNING", None)] if isinstance(args.verbose, list) \
+            else "WARNING"
+        env = json.loads(worker_env("cpu", 2)[ENV_FLAGS])
+        assert all(env[f] is True for f in new)
+        assert env["verbose"] == "WARNING" and "/var/log" not in json.dumps(env)
+    finally:
+        for f, v in old.items():
+            setattr(args, f, v)
+
+
 def test_requirements_leave_comfyui_environment_alone():
     """ComfyUI-Manager installs requirements.txt into the user's environment: it must name no
     package (torch above all); the nodes' modules import no diffusers."""

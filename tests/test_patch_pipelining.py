@@ -148,6 +148,27 @@ def test_qwen_timestep_zero_references_are_refused():
     check_inputs(fam, dm, {"ref_latents_method": "index_timestep_zero"})  # no references: nothing to cut
 
 
+def test_flux_timestep_zero_references_are_refused():
+    """Flux (Kontext, Flux.2) edit references with their own timestep (v0.2x's
+    index_timestep_zero: per-token modulation ranges inside each block) are refused; a Flux
+    whose default method is that (its ``params.default_ref_method``) too."""
+    dm = zoo.model(zoo.BY_NAME["flux1_kontext"]).model.diffusion_model
+    fam = family_for(dm)
+    ref = [torch.zeros(1, 16, 8, 8)]
+    with pytest.raises(PatchUnsupported, match="ref_latents_method 'index_timestep_zero'.*turn patches off"):
+        check_inputs(fam, dm, {"ref_latents": ref, "ref_latents_method": "index_timestep_zero"})
+    check_inputs(fam, dm, {"ref_latents": ref, "ref_latents_method": "offset"})
+    params = getattr(dm, "params", None)
+    if params is not None and hasattr(params, "default_ref_method"):
+        old = params.default_ref_method
+        try:
+            params.default_ref_method = "index_timestep_zero"
+            with pytest.raises(PatchUnsupported, match="index_timestep_zero"):
+                check_inputs(fam, dm, {"ref_latents": ref})
+        finally:
+            params.default_ref_method = old
+
+
 # -- on a worker group ---------------------------------------------------------------------
 @pytest.fixture(scope="module")
 def group():

@@ -33,11 +33,8 @@ def srv(comfy_server):
 
 def _slow_wan(srv) -> str:
     """A Wan file whose steps take seconds on two CPU workers (8 blocks of width 512)."""
-    from make_models import CACHE_ENV, make_wan21_t2v
-    import tempfile
-    from pathlib import Path
-    cache = Path(os.environ.get(CACHE_ENV) or Path(tempfile.gettempdir()) / "pp-test-models")
-    path = cache / "pp_slow_wan_v1.safetensors"
+    from make_models import make_wan21_t2v, test_model_cache
+    path = test_model_cache() / "pp_slow_wan_v1.safetensors"
     if not path.exists():
         make_wan21_t2v(path, dim=512, ffn_dim=2048, num_layers=8, seed=4)
     link = srv.base / "models" / "diffusion_models" / "pp_slow_wan.safetensors"

@@ -74,9 +74,12 @@ def test_cache_nodes_skip_passes_and_match_stock(srv, node):
 
 
 def test_wan_context_windows_match_stock(srv):
+    # The node's inputs as this ComfyUI has them (v0.33 counts the overlap in real frames, adds
+    # retain_first_frame ...): a 9-frame window, 4 frames overlap, the first frame kept.
     patch = {"class_type": "WanContextWindowsManual",
-             "inputs": {"context_length": 9, "context_overlap": 4, "context_schedule": "standard_static",
-                        "context_stride": 1, "closed_loop": False, "fuse_method": "pyramid", "freenoise": False}}
+             "inputs": srv.node_inputs("WanContextWindowsManual", context_length=9, context_overlap=4,
+                                       context_schedule="standard_static", context_stride=1, closed_loop=False,
+                                       fuse_method="pyramid", freenoise=False, retain_first_frame=True)}
     a, b, rel = pair(srv, patch, steps=3, length=21, tag="windows")
     plain, _, _ = pair(srv, None, steps=3, length=21, tag="windows_off")
     print(f"[context windows] relative L2 vs stock {rel:.1e}; windows changed the result by "

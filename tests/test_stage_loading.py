@@ -318,10 +318,34 @@ def test_bf16_fp16_and_prefixed_files(tmp_path, dtype, prefix):
     assert diff <= TOL
 
 
+def _in_memory(model):
+    """A MODEL whose weights ComfyUI cannot trace to a file (as a merged or trained one): the
+    stock loader's, with its record of the file it came from (ComfyUI >= 0.2x) removed."""
+    if hasattr(model, "cached_patcher_init"):
+        model.cached_patcher_init = None
+    return model
+
+
+def test_stock_model_from_a_file_is_read_from_that_file(tmp_path):
+    """ComfyUI records the file a stock-loader MODEL came from: the workers read that file
+    (nothing exported), with the MODEL's LoRA patches as the only thing that crosses."""
+    from pp_runtime import comfy_bridge as cb
+    path = str(cached_model_files()["wan21_t2v"])
+    model = comfy.sd.load_diffusion_model(path)
+    if getattr(model, "cached_patcher_init", None) is None:
+        pytest.skip("this ComfyUI does not record the file a MODEL came from (cached_patcher_init)")
+    pos, neg = _conds(1)
+    folder = tmp_path / "exports"
+    job = prepare_comfy_job(2, model, pos, neg, EMPTY, seed=1, steps=1, cfg=3.0, sampler_name="euler",
+                            scheduler="simple", export_dir=str(folder))[0]
+    assert job["model"]["path"] == path and not folder.exists()
+    assert cb.loaded_from_file(_in_memory(comfy.sd.load_diffusion_model(path))) is None
+
+
 def test_stock_model_export_is_reused_kept_on_its_device_and_removed(tmp_path):
-    """A MODEL from the stock loader is exported once per weights into the given folder:
-    the same MODEL again, or a new MODEL object with the same weights, writes nothing and
-    does not unload the MODEL from ComfyUI's memory management; the file goes when no
+    """A MODEL whose weights are in memory only is exported once per weights into the given
+    folder: the same MODEL again, or a new MODEL object with the same weights, writes nothing
+    and does not unload the MODEL from ComfyUI's memory management; the file goes when no
     MODEL uses it; an export left by a dead process is removed by the next export."""
     import gc
 
@@ -338,7 +362,7 @@ def test_stock_model_export_is_reused_kept_on_its_device_and_removed(tmp_path):
         return prepare_comfy_job(2, model, pos, neg, EMPTY, seed=1, steps=1, cfg=3.0, sampler_name="euler",
                                  scheduler="simple", export_dir=str(folder))[0]["model"]["path"]
 
-    a = comfy.sd.load_diffusion_model(path)
+    a = _in_memory(comfy.sd.load_diffusion_model(path))
     mm.load_models_gpu([a])  # as after a stock KSampler run
     first = job(a)
     assert not stale.exists() and os.path.dirname(first) == str(folder)
@@ -346,9 +370,9 @@ def test_stock_model_export_is_reused_kept_on_its_device_and_removed(tmp_path):
     mm.load_models_gpu([a])
     assert job(a) == first and os.stat(first).st_mtime_ns == mtime
     assert any(lm.model is a for lm in mm.current_loaded_models), "the MODEL was unloaded for an export it had"
-    b = comfy.sd.load_diffusion_model(path)  # a new MODEL object, the same weights
+    b = _in_memory(comfy.sd.load_diffusion_model(path))  # a new MODEL object, the same weights
     assert job(b) == first and os.stat(first).st_mtime_ns == mtime
-    c = comfy.sd.load_diffusion_model(str(make_wan21_t2v(tmp_path / "other.safetensors", seed=9)))
+    c = _in_memory(comfy.sd.load_diffusion_model(str(make_wan21_t2v(tmp_path / "other.safetensors", seed=9))))
     other = job(c)
     assert other != first
     mm.unload_all_models()

@@ -10,6 +10,7 @@ masks, Qwen's ``double_block`` patches, Wan's reference and time-concat inputs.
 """
 from __future__ import annotations
 
+import inspect
 import itertools
 
 import pytest
@@ -28,6 +29,7 @@ from comfy.ldm.wan.model import WanModel  # noqa: E402
 
 import family_zoo as zoo  # noqa: E402
 from make_models import randomize  # noqa: E402
+from pp_runtime.comfy_sampling import rows_of  # noqa: E402
 from pp_runtime.families import FAMILIES, UnsupportedModel, family_for  # noqa: E402
 from pp_runtime.staging import (StageCancelled, StageForward, block_modules, flatten_state, profile,  # noqa: E402
                                 stage_prefixes, unflatten_state, unplaced)
@@ -51,6 +53,13 @@ def splits(n):
         yield [(0, k1), (k1, k2), (k2, n)]
 
 
+def entry(model):
+    """What the stages call (the family's ``entry``: MiniMax-H3's ``_forward``), so the unsplit
+    reference is the same function."""
+    fam = family_for(model)
+    return getattr(model, fam.entry) if fam.entry else model
+
+
 def run_staged(model, stages, args, kwargs):
     fam = family_for(model)
     state = None
@@ -71,7 +80,7 @@ def max_diff(out, ref) -> float:
 
 def check_every_split(model, args, kwargs):
     with torch.no_grad():
-        ref = model(*clone(args), **clone(kwargs))
+        ref = entry(model)(*clone(args), **clone(kwargs))
         first = ref[0] if isinstance(ref, (list, tuple)) else ref
         assert first.abs().max() > 1e-3  # random weights: a non-trivial output
         n = len(block_modules(model, family_for(model)))
@@ -80,26 +89,42 @@ def check_every_split(model, args, kwargs):
             assert diff <= TOL, f"split {stages}: max abs diff {diff}"
 
 
+def by_name(fn, args, kwargs):
+    """A call's arguments as ComfyUI's BaseModel passes them to the forward (and a rank to its
+    stage): the input and the timestep positional, the rest by name (MiniMax-H3's forward
+    hands its ``_forward`` ``context`` and ``transformer_options`` positionally)."""
+    signature = inspect.signature(fn)
+    named = dict(signature.bind(*args, **kwargs).arguments)
+    for name, param in signature.parameters.items():
+        if param.kind is inspect.Parameter.VAR_KEYWORD:
+            named.update(named.pop(name, {}))
+    first, second = list(named)[:2]
+    return (named.pop(first), named.pop(second)), named
+
+
 def recorded_calls(case, n=1):
-    """The diffusion model's arguments in the first ``n`` calls of a real sampling run."""
+    """The arguments of the diffusion model's first ``n`` calls in a real sampling run (of its
+    family's ``entry``, what a stage calls)."""
     model = zoo.model(case)
     dm = model.model.diffusion_model
-    calls, forward = [], dm.forward
+    method = family_for(dm).entry or "forward"
+    calls, forward = [], getattr(dm, method)
 
     def record(*args, **kwargs):
         if len(calls) < n:
+            args, kwargs = by_name(forward, args, kwargs)
             opts = {k: v for k, v in kwargs.get("transformer_options", {}).items()
                     if k in ("cond_or_uncond", "sigmas", "sample_sigmas")}
             calls.append(clone((args, {**kwargs, "transformer_options": opts})))
         return forward(*args, **kwargs)
-    dm.forward = record
+    setattr(dm, method, record)
     try:
         pos, neg = zoo.conditioning(case)
         lat = zoo.latent(case)
         comfy.sample.sample(model, comfy.sample.prepare_noise(lat, 1), 1, case.cfg, "euler", "simple", pos, neg, lat,
                             seed=1, disable_pbar=True)
     finally:
-        del dm.forward
+        delattr(dm, method)
     return dm, calls
 
 
@@ -110,20 +135,26 @@ def test_family_staged_forward_equals_comfyui_forward(name):
     fam = family_for(dm)
     assert unplaced(dm, fam) == []
     args, kwargs = calls[0]
-    assert len(kwargs["transformer_options"]["cond_or_uncond"]) == 2, "cond and uncond in one call"
+    if case.cfg_batched:
+        assert len(kwargs["transformer_options"]["cond_or_uncond"]) == 2, "cond and uncond in one call"
+    else:  # batch 1 (MiniMax-H3): ComfyUI calls the model once per branch; every pass has one row
+        assert len(kwargs["transformer_options"]["cond_or_uncond"]) == 1 and rows_of(args[0]) == 1
     check_every_split(dm, args, kwargs)
 
 
 def _family_name(case):
-    import comfy.supported_models as sm
-    cfg = getattr(sm, case.config)(dict(case.unet))
+    cfg = zoo.config(case)  # with the settings only this ComfyUI takes (case.newer)
     cfg.set_inference_dtype(torch.float32, None)
     return family_for(cfg.get_model({}, "", device="meta").diffusion_model).name
 
 
 def test_every_family_has_cases():
-    """The zoo builds models of every family in the staging table."""
-    assert {_family_name(c) for c in zoo.CASES} == {f.name for f in FAMILIES}
+    """The zoo builds models of every family in the staging table whose classes this ComfyUI
+    has (MiniMax-H3 needs >= 0.33)."""
+    from pp_runtime.families import _cls
+    present = {f.name for f in FAMILIES if any(_cls(p) is not None for p in f.classes)}
+    assert {_family_name(c) for c in zoo.CASES} == present
+    assert {c.name for c in zoo.CASES} == {c.name for c in zoo.ALL_CASES if zoo.available(c)}
 
 
 def test_profile_accounts_for_every_weight():
@@ -324,3 +355,70 @@ def test_loaded_full_width_files(model_files, key, config):
         kwargs = dict(context=torch.randn(1, 4, 3584, generator=g).to(dt), transformer_options={},
                       ref_latents=[torch.randn(1, 16, 1, 6, 4, generator=g).to(dt)])
     check_every_split(dm, args, kwargs)
+
+
+# ------------------------------------------------------------- MiniMax-H3 (ComfyUI >= 0.33)
+def _minimax_or_skip():
+    if "minimax_h3" not in zoo.BY_NAME:
+        pytest.skip("this ComfyUI has no MiniMax-H3 (comfy.ldm.minimax, ComfyUI >= 0.33)")
+    return zoo.BY_NAME["minimax_h3"]
+
+
+def test_minimax_h3_keyframes_mask_noise_aug_through_the_pass_encoding():
+    """H3's fl2va inputs as the sampler sends them: keyframe video+audio cond rows (their own
+    segments and RoPE times), condition noise augmentation (a CPU generator seeded from the
+    payload: alike on every rank), a denoise mask (per-row timesteps), mixed text tags.  The
+    conditioning goes through pack/unpack_conditioning and the call through encode/decode_pass
+    as between ranks (``minimax_payload`` without its PackedLayout, which every rank rebuilds):
+    staged at every split equals the unsplit ``_forward`` on the original arguments."""
+    import comfy.nested_tensor
+    from pp_runtime import comfy_bridge as cb
+    from pp_runtime.comfy_sampling import decode_pass, encode_pass
+    from pp_runtime.patches import describe_support
+    case = _minimax_or_skip()
+    model = zoo.model(case)
+    dm = model.model.diffusion_model
+    assert "MiniMaxH3" in describe_support(family_for(dm), dm)  # patch pipelining refused by name
+    g = torch.Generator().manual_seed(5)
+    pos, neg = zoo.conditioning(case)
+    kf = [{"resolved_frame_index": 0, "latent": torch.randn(1, 24, 1, 4, 4, generator=g),
+           "audio_latent": torch.randn(1, 32, 2, 3, generator=g)}]
+    for c in (pos, neg):
+        c[0][1].update({"minimax_keyframes": kf, "minimax_visual_cond_noise_aug": 0.9})
+    meta, tensors = cb.pack_conditioning("positive", pos)
+    back = cb.unpack_conditioning("positive", cb.json_roundtrip(meta), tensors)
+    assert back[0][1]["minimax_keyframes"][0]["resolved_frame_index"] == 0
+    assert torch.equal(back[0][1]["minimax_keyframes"][0]["audio_latent"], kf[0]["audio_latent"])
+    lat = zoo.latent(case)
+    vm = torch.ones(1, 1, 2, 4, 4)
+    vm[..., :2, :] = 0.3
+    mask = comfy.nested_tensor.NestedTensor([vm, torch.ones(1, 1, 2, 8)])
+    calls, forward = [], dm._forward
+
+    def record(*args, **kwargs):
+        a, k = by_name(forward, args, kwargs)
+        calls.append(clone((a, {**k, "transformer_options": {}})))
+        return forward(*args, **kwargs)
+    dm._forward = record
+    try:
+        comfy.sample.sample(model, comfy.sample.prepare_noise(lat, 1), 2, 3.0, "euler", "simple", back, neg, lat,
+                            noise_mask=mask, seed=7, disable_pbar=True)
+    finally:
+        del dm._forward
+    assert len(calls) == 4  # 2 steps x (cond, uncond): never batched
+    (x, t), kwargs = calls[2]  # step 1's cond (sigma < 1)
+    payload = kwargs["minimax_payload"]
+    assert [s[2] for s in payload["layout"].segments][-2:] == ["audio", "video"]
+    assert "cond" in [s[2] for s in payload["layout"].segments] and kwargs["denoise_mask"] is not None
+    named = {k: v for k, v in kwargs.items() if k not in ("context", "transformer_options") and v is not None}
+    msg = encode_pass(x, t, kwargs["context"], named, [1], [0])
+    ((kw, _, _),) = decode_pass(msg)
+    assert "layout" not in kw["minimax_payload"] and kw["minimax_payload"]["seed"] == payload["seed"]
+    with torch.no_grad():
+        ref = dm._forward(*clone((x, t)), **clone(kwargs))
+        assert ref[1].abs().max() > 1e-3
+        args2 = (kw.pop("x"), kw.pop("timestep"))
+        kw["transformer_options"] = {}
+        for stages in splits(len(block_modules(dm, family_for(dm)))):
+            diff = max_diff(run_staged(dm, stages, args2, kw), ref)
+            assert diff <= TOL, f"split {stages}: max abs diff {diff}"

@@ -1,6 +1,4 @@
 """Small Wan files of other kinds for the tests (i2v, Wan 2.2 5B), cached beside make_models' files."""
-import os
-import tempfile
 from pathlib import Path
 
 import torch
@@ -11,10 +9,9 @@ def wan_file(kind: str) -> Path:
     'wan22_5b' (48 latent channels); written once into the test model cache."""
     import comfy.ops
     from comfy.ldm.wan.model import WanModel
-    from make_models import CACHE_ENV, _write
+    from make_models import _write, test_model_cache
     cfg = {"i2v": dict(model_type="i2v", in_dim=36), "wan22_5b": dict(in_dim=48, out_dim=48)}[kind]
-    d = Path(os.environ.get(CACHE_ENV) or Path(tempfile.gettempdir()) / "pp-test-models")
-    path = d / f"pp_tiny_wan_{kind}_v1.safetensors"
+    path = test_model_cache() / f"pp_tiny_wan_{kind}_v1.safetensors"
     if not path.is_file():
         base = dict(model_type="t2v", patch_size=(1, 2, 2), in_dim=16, dim=128, ffn_dim=256, freq_dim=256,
                     text_dim=4096, out_dim=16, num_heads=1, num_layers=2, qk_norm=True, cross_attn_norm=True,
