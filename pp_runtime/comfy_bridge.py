@@ -154,16 +154,15 @@ class FileLayout:
     config: object
     sd: dict
     load: dict
-    metadata: dict
     sources: dict
-    derived: list
+    derived: set
 
 
 def stock_key_handling(sd: dict, metadata: dict):
     """ComfyUI's own key handling of its diffusion-model loader
     (``comfy.sd.load_diffusion_model_state_dict``), step by step with its functions: old
     quantized layouts converted, the checkpoint prefix stripped, the model detected, a
-    diffusers-format file converted.  -> (model config or None, sd, metadata)."""
+    diffusers-format file converted.  -> (model config or None, sd)."""
     import comfy.utils
     from comfy import model_detection
     sd, metadata = comfy.utils.convert_old_quants(dict(sd), "", metadata=metadata)
@@ -176,7 +175,7 @@ def stock_key_handling(sd: dict, metadata: dict):
         converted = model_detection.convert_diffusers_mmdit(sd, "")
         if converted is not None:
             sd, config = converted, model_detection.model_config_from_unet(converted, "")
-    return config, sd, metadata
+    return config, sd
 
 
 def file_layout(path: str, config_spec: dict | None = None) -> FileLayout:
@@ -185,7 +184,7 @@ def file_layout(path: str, config_spec: dict | None = None) -> FileLayout:
     import comfy.utils
     read_header(path)
     raw = header_state_dict(path, small=16)
-    config, sd, metadata = stock_key_handling(raw, file_metadata(path))
+    config, sd = stock_key_handling(raw, file_metadata(path))
     if config_spec is not None:
         config = unpack_config(config_spec)
         quant = comfy.utils.detect_layer_quantization(sd, "")
@@ -198,7 +197,7 @@ def file_layout(path: str, config_spec: dict | None = None) -> FileLayout:
     # Where each tensor came from: ComfyUI's handling renames (the same tensor object) or
     # slices (a view of it); anything else was built, from nothing or from several.
     origin = {id(t): k for k, t in raw.items() if t.is_meta}
-    sources, derived = {}, []
+    sources, derived = {}, set()
     for k, t in load.items():
         if not t.is_meta:
             continue
@@ -207,8 +206,8 @@ def file_layout(path: str, config_spec: dict | None = None) -> FileLayout:
         elif t._base is not None and id(t._base) in origin:
             sources[k] = (origin[id(t._base)], (tuple(t.shape), tuple(t.stride()), t.storage_offset()))
         else:
-            derived.append(k)
-    return FileLayout(config, sd, load, metadata, sources, derived)
+            derived.add(k)
+    return FileLayout(config, sd, load, sources, derived)
 
 
 def detect(path: str):
@@ -409,7 +408,7 @@ def converted_file(path: str, layout: FileLayout) -> dict:
     model for the moment of placement."""
     import comfy.utils
     sd, metadata = comfy.utils.load_torch_file(path, return_metadata=True)
-    _, sd, _ = stock_key_handling(sd, metadata)
+    _, sd = stock_key_handling(sd, metadata)
     return layout.config.process_unet_state_dict(sd)
 
 

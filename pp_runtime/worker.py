@@ -88,7 +88,7 @@ class Worker:
                 free = self._pinned.setdefault((tuple(t.shape), t.dtype), [])
                 hosts[name] = free.pop() if free else torch.empty(t.shape, dtype=t.dtype, pin_memory=True)
                 hosts[name].copy_(t, non_blocking=True)
-                done = torch.cuda.Event()
+                done = done or torch.cuda.Event()  # one event, recorded after every part's copy
             else:
                 hosts[name] = t.clone()  # the sampler may update it in place
         if done is not None:

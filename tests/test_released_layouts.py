@@ -116,7 +116,7 @@ def test_stages_hold_what_the_stock_loader_loads(tmp_path, name):
     if name not in ("flux1_dev", "flux2", "chroma"):  # (ComfyUI < 0.14's classes write BFL's names themselves)
         assert set(released) != set(sd), f"{what}: the layout equals the class's own keys, nothing is tested"
     # The layout is one ComfyUI's key handling turns into the class's keys.
-    config, handled, _ = cb.stock_key_handling({k: v for k, v in released.items()}, {})
+    config, handled = cb.stock_key_handling({k: v for k, v in released.items()}, {})
     cfg = config or zoo.config(case)
     assert set(cfg.process_unet_state_dict(dict(handled))) == set(sd), f"{what}: not a layout ComfyUI loads"
 
