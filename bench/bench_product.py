@@ -73,7 +73,21 @@ def import_pack(pack_root: Path):
     nodes = types.ModuleType("pack.nodes")
     nodes.__path__ = [str(pack_root / "nodes")]
     sys.modules["pack.nodes"] = nodes
-    return importlib.import_module("pack.nodes.pp_nodes"), importlib.import_module("pack.pp_runtime.comfy_bridge")
+    return importlib.import_module("pack.nodes.pp_nodes"), _pack_module("comfy.loading", "comfy_bridge")
+
+
+def _pack_module(name: str, before: str):
+    """``pack.pp_runtime.<name>``, or its name in a tree from before the package was laid out
+    by role (``--legacy-tree``)."""
+    try:
+        return importlib.import_module(f"pack.pp_runtime.{name}")
+    except ImportError:
+        return importlib.import_module(f"pack.pp_runtime.{before}")
+
+
+def registry():
+    """The pack's shared worker groups (``shared_group``, ``shutdown_all``)."""
+    return _pack_module("workers.registry", "group")
 
 
 class StepClock:
@@ -210,7 +224,7 @@ def run_pp(pp_nodes, model, group, spec, cfg, batch, steps, seed, clock, label, 
                              cfg_mode={"mode": mode, "cfg_normalize": False},
                              patch_pipelining=patches)[0]["samples"]
     t1 = time.perf_counter()
-    from pack.pp_runtime.group import shared_group
+    shared_group = registry().shared_group
     g = shared_group(group["devices"])
     last = g.last_run
     ranks = last["ranks"]
@@ -382,7 +396,7 @@ def main(argv=None):
         if args.only_pp or not core or world == 1:
             plan = plan[:3] if world >= 4 else plan[:2]  # PP2 x CFG2: the exact reference of its patches
         if world == 1:  # the first prompt on a started group: placement and a 2-step prompt
-            from pack.pp_runtime.group import shared_group
+            shared_group = registry().shared_group
             t_start = time.perf_counter()
             shared_group(group["devices"], extra_paths=[pp_nodes.COMFY_ROOT]).start()
             t_start = time.perf_counter() - t_start
@@ -396,7 +410,7 @@ def main(argv=None):
                               label, cfg=c, batch=b, split=split, mode=mode, steps=steps)
         if "patches" in wanted:
             patch_variants(result, pp, pp_nodes, model_pp, group, spec, cfg_scale, steps, seed, clock, P, CP, timed)
-        from pack.pp_runtime.group import shared_group
+        shared_group = registry().shared_group
         result["extras"]["worker_log_memory_leak_lines"] = worker_log_leaks(shared_group(group["devices"]))
 
     # -- ratios ------------------------------------------------------------------------------
@@ -420,7 +434,7 @@ def main(argv=None):
 
     # -- the same PP variants with an older tree of the pack (staging regression check) --------
     if args.legacy_tree and "legacy" in wanted:
-        from pack.pp_runtime.group import shutdown_all
+        shutdown_all = registry().shutdown_all
         shutdown_all()
         out = os.path.join(args.model_dir, "legacy.json")
         cmd = [sys.executable, str(BENCH / "bench_product.py"), "--devices", devices, "--model", args.model,
@@ -431,11 +445,13 @@ def main(argv=None):
         subprocess.run(cmd, check=True)
         legacy = json.load(open(out))["variants"]
         cmp = {}
-        for label in ("pp2_cfg1", "pp2_seqcfg"):
+        for label in (f"{P}_cfg1", f"{P}_seqcfg", f"{P}_first_prompt"):
             if label in legacy and label in V:
                 cmp[label] = {"steady_step_ms_now": V[label]["steady_step_s"] * 1e3,
                               "steady_step_ms_legacy": legacy[label]["steady_step_s"] * 1e3,
                               "step_time_change": V[label]["steady_step_s"] / legacy[label]["steady_step_s"] - 1,
+                              "overhead_ms_now": V[label].get("overhead_s", 0) * 1e3,
+                              "overhead_ms_legacy": legacy[label].get("overhead_s", 0) * 1e3,
                               "wall_s_now": V[label]["wall_s"], "wall_s_legacy": legacy[label]["wall_s"]}
         result["extras"]["legacy"] = cmp
         log("staging vs legacy adapters:", json.dumps(cmp, indent=1))
@@ -456,7 +472,7 @@ def main(argv=None):
     log("overhead_ms (PP's per-prompt overhead minus stock's):", json.dumps(result["overhead_ms"], indent=1))
     log("rel_l2 vs stock:", json.dumps(result["rel_l2"]))
     log(f"wrote {out}")
-    from pack.pp_runtime.group import shutdown_all
+    shutdown_all = registry().shutdown_all
     shutdown_all()
 
 
@@ -485,7 +501,7 @@ def stock_loader_model(result, pp_nodes, path, spec, devices, cfg_scale, steps, 
                                scheduler="simple", denoise=1.0, split={"strategy": "balanced", "manual": ""},
                                cfg_mode={"mode": "sequential", "cfg_normalize": False}, **pp_nodes_kw)[0]["samples"]
     V["stockloader_pp_free_host"] = summarize("stockloader_pp_free_host", t0, time.perf_counter(), steps, clock.times)
-    from pack.pp_runtime.group import shared_group
+    shared_group = registry().shared_group
     last = shared_group(group["devices"]).last_run
     result["extras"]["stockloader"] = {
         "patcher": type(base).__name__, "lora_keys": len(lora) // 2, "model_file": last.get("model", {}).get("path"),
@@ -545,7 +561,7 @@ def extras(result, pp_nodes, cb, path, spec, devices, cfg_scale, clock, seed, sm
     for label, m in (("pp2_seqcfg_20steps", model_pp), ("pp2_seqcfg_easycache", cached)):
         run_pp(pp_nodes, m, group, spec, cfg_scale, 1, 2, seed, clock, label + " (warm-up)")
         _, runs[label] = run_pp(pp_nodes, m, group, spec, cfg_scale, 1, steps, seed, clock, label)
-    from pack.pp_runtime.group import shared_group
+    shared_group = registry().shared_group
     passes = shared_group(group["devices"]).last_run["ranks"][-1].get("passes")
     E["easycache"] = {"speedup_on_pp": runs["pp2_seqcfg_20steps"]["wall_s"] / runs["pp2_seqcfg_easycache"]["wall_s"],
                       "passes_with_cache": passes, "passes_without": 2 * steps, **runs}
@@ -574,7 +590,7 @@ def extras(result, pp_nodes, cb, path, spec, devices, cfg_scale, clock, seed, sm
 
     log("A stage that does not fit its capped worker:")
     n = cb.model_profile(model_pp.model.diffusion_model)["num_blocks"]
-    from pack.pp_runtime.group import shutdown_all
+    shutdown_all = registry().shutdown_all
     shutdown_all()
     capped = dict(group, memory_cap_gb="6" if not smoke else "0.01")
     try:
@@ -593,7 +609,7 @@ def consumer(result, pp_nodes, cb, path, spec, devices, cfg_scale, steps, clock,
     import comfy.model_management as mm
     import comfy.sd
     import torch
-    from pack.pp_runtime.group import shutdown_all
+    shutdown_all = registry().shutdown_all
     C = result["extras"]["consumer_24gb"] = {}
     cap_gb = 24 if not smoke else 0.5
     log(f"consumer cards: stock limited to {cap_gb} GB (ComfyUI's own reserve), PP2 capped at {cap_gb} GB, "

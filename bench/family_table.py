@@ -108,9 +108,9 @@ def main():
     import torch
     import comfy.supported_models as sm
 
-    from pp_runtime.families import family_for
-    from pp_runtime.staging import profile
-    from pp_runtime.split import split_blocks
+    from pp_runtime.comfy.families import family_for
+    from pp_runtime.comfy.staging import profile
+    from pp_runtime.engine.split import split_blocks
 
     print("| model | family | blocks | model (bf16) | non-block, every rank | head, last rank | per rank, PP2 | PP4 |")
     print("|---|---|---|---|---|---|---|---|")

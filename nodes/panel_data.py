@@ -7,11 +7,7 @@ a server.  ``nodes/routes.py`` serves them and pushes them over ComfyUI's websoc
 from __future__ import annotations
 
 import os
-import re
 import statistics
-
-BRANCH_NAMES = ("cond", "uncond")
-
 
 def display_state(status: dict, parked: bool = False) -> str:
     """One line for a human: 'not started', 'starting', 'sampling step 3/20', 'idle',
@@ -63,28 +59,6 @@ def status_view(groups: list[dict]) -> dict:
 
 
 # -- the timeline -----------------------------------------------------------------------
-def _mb_index(label: str) -> int | None:
-    """Micro-batch index of a span label: "cond[1]", "mb1", or a patch "cond[0] p3/4" (the
-    patches of micro-batch i count as micro-batches i*M .. i*M+M-1)."""
-    m = re.search(r"\[(\d+)\](?: p(\d+)/(\d+))?$", label or "")
-    if m:
-        i = int(m.group(1))
-        return i * int(m.group(3)) + int(m.group(2)) - 1 if m.group(2) else i
-    m = re.match(r"^mb(\d+)$", label or "")
-    return int(m.group(1)) if m else None
-
-
-def _patch(label: str) -> int | None:
-    m = re.search(r" p(\d+)/\d+$", label or "")
-    return int(m.group(1)) if m else None
-
-
-def _branch(label: str) -> str | None:
-    name = (label or "").split("[", 1)[0]
-    parts = [p for p in name.split("+") if p in BRANCH_NAMES]
-    return "+".join(parts) if parts else None
-
-
 def ideal_speedup(micro_batches: int, stages: int) -> float:
     """M·S/(M+S−1): step speedup of S stages over one device with M micro-batches."""
     m, s = micro_batches, stages
@@ -131,20 +105,14 @@ def timeline_view(last_run: dict | None, max_steps: int = 3) -> dict:
     if not complete:
         return {"available": False, "note": "the last run has no complete step"}
 
-    # Micro-batch index and branch of every compute span: the first rank of each pipeline
-    # labels its micro-batches ("cond[0]", "uncond[1]"); later ranks count them in order.
-    first_labels: dict[tuple[int, int, int], str] = {}
-    for st, rk in by_step.items():
-        for r, lst in rk.items():
-            lst.sort(key=lambda x: x["t0"])
-            for j, s in enumerate(lst):
-                idx = _mb_index(s["label"])
-                s["mb"] = j if idx is None else idx
-                if rank_info[r]["pp_rank"] == 0:
-                    first_labels[(st, rank_info[r]["cfg_rank"] or 0, s["mb"])] = s["label"]
+    # What each compute span is in the pass plan: its unit (the panel's micro-batch), branch,
+    # token patch; the executor records it with the span (``engine.plan.Unit.entry``).
     for s in compute:
-        c = rank_info[s["rank"]]["cfg_rank"] or 0
-        s["branch"] = _branch(first_labels.get((s["step"], c, s["mb"]), s["label"])) or f"mb{s['mb']}"
+        e = s.get("entry") or {}
+        s["mb"] = int(e.get("mb") or 0)
+        s["branch"] = e.get("branch") or f"mb{s['mb']}"
+    for lst in (lst for rk in by_step.values() for lst in rk.values()):
+        lst.sort(key=lambda x: x["t0"])
 
     # Per-step numbers over every complete step (the first is a warm-up and is left out
     # of the medians when there are others).
@@ -188,8 +156,11 @@ def timeline_view(last_run: dict | None, max_steps: int = 3) -> dict:
                "t0": round(max(s["t0"], w0) - w0, 3), "t1": round(min(s["t1"], w1) - w0, 3)}
         if s["kind"] == "compute":
             bar["mb"], bar["branch"] = s["mb"], s["branch"]
-            if _patch(s["label"]) is not None:  # patch pipelining: which patch of its micro-batch
-                bar["patch"] = _patch(s["label"])
+            e = s.get("entry") or {}
+            if e.get("patch") is not None:  # patch pipelining: which patch of its micro-batch
+                bar["patch"] = e["patch"]
+            if e.get("head"):
+                bar["head"] = True
         bars.append(bar)
     bars.sort(key=lambda b: (b["rank"], b["t0"]))
     return {

@@ -15,11 +15,14 @@ import folder_paths
 import latent_preview
 import torch
 
-from ..pp_runtime import comfy_bridge
-from ..pp_runtime.comfy_job import prepare_comfy_job, sampler_output
-from ..pp_runtime.group import WorkerError, parse_devices, shared_group
-from ..pp_runtime.jobs import CFG_MODES, JobError
-from ..pp_runtime.split import STRATEGIES, SplitError, parse_manual
+from ..pp_runtime.comfy import carry
+from ..pp_runtime.comfy import loading
+from ..pp_runtime.comfy.job import (CfgChoice, GroupChoice, PatchChoice, SplitChoice, prepare_comfy_job,
+                                    sampler_output)
+from ..pp_runtime.workers.group import WorkerError, parse_devices
+from ..pp_runtime.workers.registry import shared_group
+from ..pp_runtime.engine.layout import CFG_MODES, JobError
+from ..pp_runtime.engine.split import STRATEGIES, SplitError, parse_manual
 
 CATEGORY = "sampling/pipeline_parallel"
 COMFY_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(comfy.model_management.__file__)))
@@ -56,7 +59,7 @@ class PPWorkerGroup:
         try:
             parse_caps(memory_cap_gb, None)
             if backend == "ray":
-                from ..pp_runtime.backends.ray_backend import RAY_INSTALL_HINT, parse_ray_devices, ray_available
+                from ..pp_runtime.workers.ray_backend import RAY_INSTALL_HINT, parse_ray_devices, ray_available
                 if not ray_available():
                     return RAY_INSTALL_HINT
                 parse_ray_devices(devices)  # counted here, placed by Ray when the group starts
@@ -67,8 +70,8 @@ class PPWorkerGroup:
         return True
 
     def make(self, devices, backend, ray_address="", residency="keep", memory_cap_gb=""):
-        return ({"devices": devices if backend == "ray" else parse_devices(devices), "backend": backend,
-                 "ray_address": ray_address or "", "residency": residency, "memory_cap_gb": str(memory_cap_gb)},)
+        return (GroupChoice(devices=devices if backend == "ray" else parse_devices(devices), backend=backend,
+                            ray_address=ray_address or "", residency=residency, memory_cap_gb=str(memory_cap_gb)),)
 
 
 def parse_caps(text, world: int | None) -> list[int]:
@@ -115,7 +118,7 @@ class PPStageSplit:
         return True
 
     def make(self, strategy, manual):
-        return ({"strategy": strategy, "manual": manual},)
+        return (SplitChoice(strategy=strategy, manual=manual),)
 
 
 class PPCFGMode:
@@ -130,13 +133,10 @@ class PPCFGMode:
     def INPUT_TYPES(cls):
         return {"required": {
             "mode": (list(CFG_MODES), {"tooltip": "auto: cfg_parallel with 4+ GPUs (PP x 2), else sequential."}),
-            "cfg_normalize": ("BOOLEAN", {"default": False, "tooltip": "Rescale the guided prediction to the norm "
-                                          "of the cond prediction (diffusers-loop option; PP KSampler uses "
-                                          "ComfyUI's own CFG and refuses it)."}),
         }}
 
-    def make(self, mode, cfg_normalize):
-        return ({"mode": mode, "cfg_normalize": cfg_normalize},)
+    def make(self, mode):
+        return (CfgChoice(mode=mode),)
 
 
 class PPPatchPipelining:
@@ -161,7 +161,7 @@ class PPPatchPipelining:
         }}
 
     def make(self, patches, warmup_steps):
-        return ({"patches": int(patches), "warmup_steps": int(warmup_steps)},)
+        return (PatchChoice(patches=int(patches), warmup_steps=int(warmup_steps)),)
 
 
 class PPLoadDiffusionModel:
@@ -186,7 +186,7 @@ class PPLoadDiffusionModel:
         path = folder_paths.get_full_path("diffusion_models", unet_name)
         if path is None:
             return ""
-        stamp = comfy_bridge.file_stamp(path)
+        stamp = loading.file_stamp(path)
         return f"{stamp['size']}:{stamp['mtime_ns']}"
 
     def load(self, unet_name, weight_dtype):
@@ -194,8 +194,8 @@ class PPLoadDiffusionModel:
                  "fp8_e5m2": torch.float8_e5m2}.get(weight_dtype)
         path = folder_paths.get_full_path_or_raise("diffusion_models", unet_name)
         try:
-            return (comfy_bridge.load_on_disk(path, dtype),)
-        except comfy_bridge.CarryError as e:  # not safetensors, truncated, no model ComfyUI knows
+            return (loading.load_on_disk(path, dtype),)
+        except carry.CarryError as e:  # not safetensors, truncated, no model ComfyUI knows
             raise ValueError(str(e)) from None
 
 
@@ -298,14 +298,12 @@ def pp_sample(model, group, positive, negative, latent_image, **kw):
     # it at every start, so an export left by a crash goes with the next start), or PP_EXPORT_DIR.
     export_dir = os.environ.get("PP_EXPORT_DIR") or os.path.join(folder_paths.get_temp_directory(), "pp-exports")
     try:
-        job, tensors, rank_tensors = prepare_comfy_job(workers.world, model, positive, negative, latent_image,
-                                                       export_dir=export_dir, device_memory=device_memory,
-                                                       devices=list(workers.devices), **kw)
+        job, tensors, rank_tensors = prepare_comfy_job(
+            workers.world, model, positive, negative, latent_image, export_dir=export_dir,
+            device_memory=device_memory, devices=list(workers.devices), residency=group.get("residency", "keep"),
+            memory_caps=caps, stream_x0=previews_on(), **kw)  # without a previewer the stock x0 goes nowhere
     except JobError as e:  # bad input: a plain error whose message says what to change
         raise ValueError(str(e)) from None
-    job["residency"] = group.get("residency", "keep")
-    job["memory_caps"] = caps
-    job["stream_x0"] = previews_on()  # without a previewer the stock sampler's x0 goes nowhere: not sent
     preview = latent_preview.prepare_callback(model, kw["steps"])
 
     def on_step(i, n, x0):

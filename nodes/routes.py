@@ -27,9 +27,10 @@ import weakref
 from aiohttp import web
 from server import PromptServer
 
-from ..pp_runtime.group import WorkerError, parse_devices, shared_groups
-from ..pp_runtime.jobs import JobError, choose_layout
-from ..pp_runtime.split import STRATEGIES, split_blocks
+from ..pp_runtime.workers.group import WorkerError, parse_devices
+from ..pp_runtime.workers.registry import shared_groups
+from ..pp_runtime.engine.layout import JobError, choose_layout
+from ..pp_runtime.engine.split import STRATEGIES, split_blocks
 from .panel_data import group_view, split_view, status_view, timeline_view
 
 routes = PromptServer.instance.routes
@@ -89,9 +90,9 @@ def model_profile_of_file(path: str) -> dict:
     st = os.stat(path)
     key = (os.path.abspath(path), st.st_size, st.st_mtime_ns)
     if key not in _PROFILES:
-        from ..pp_runtime import comfy_bridge as cb
-        model = cb.load_on_disk(path)
-        _PROFILES[key] = cb.model_profile(model.model.diffusion_model)
+        from ..pp_runtime.comfy import loading
+        model = loading.load_on_disk(path)
+        _PROFILES[key] = loading.model_profile(model.model.diffusion_model)
     return _PROFILES[key]
 
 
@@ -108,8 +109,8 @@ def split_json(strategy: str, manual: str = "", unet_name: str | None = None, de
     if devices:
         try:
             world = len(parse_devices(devices))
-            layout = choose_layout(world, cfg_mode or "auto", True)
-            pp, cfg = layout["pp"], layout["cfg"]
+            topo = choose_layout(world, cfg_mode or "auto", True)
+            pp, cfg = topo.pp_size, topo.cfg_size
         except (ValueError, JobError) as e:
             notes.append(str(e))
     if pp is None and last and last.get("layout"):
@@ -136,7 +137,7 @@ def split_json(strategy: str, manual: str = "", unet_name: str | None = None, de
     if profile is None:
         if strategy == "manual":
             try:
-                from ..pp_runtime.split import parse_manual
+                from ..pp_runtime.engine.split import parse_manual
                 counts = parse_manual(manual)
                 out.update(split_view(counts, None, len(counts), cfg))
             except ValueError as e:
@@ -146,10 +147,23 @@ def split_json(strategy: str, manual: str = "", unet_name: str | None = None, de
         return out
     out["model"] = {"family": profile["family"], "num_blocks": profile["num_blocks"],
                     "file": os.path.basename(path) if unet_name else (os.path.basename(path) + " (last run)")}
+    capacities, reserve = None, 0
+    if strategy == "by_memory":  # the memory the prompt's split counts with
+        inputs = (last or {}).get("split_inputs") or {}
+        if inputs.get("strategy") == "by_memory" and inputs.get("capacities") and \
+                (last.get("model") or {}).get("path") == path and len(inputs["capacities"]) == pp:
+            capacities, reserve = inputs["capacities"], inputs.get("reserve") or 0
+            notes.append("device memory and activation reserve of the last prompt")
+        elif g is not None and g.world == pp * cfg and g.device_memory() is not None:
+            from ..pp_runtime.comfy.job import stage_capacities
+            from ..pp_runtime.engine.topology import Topology
+            capacities = stage_capacities(Topology.build(g.world, pp=pp, cfg=cfg), g.device_memory())
+            notes.append("the group's free device memory; a prompt also reserves its activations")
     try:
         sp = split_blocks(strategy, profile["num_blocks"], pp, costs=profile["costs"],
                           block_bytes=profile["block_bytes"], first_bytes=profile["first_bytes"],
-                          last_bytes=profile["last_bytes"], manual=manual)
+                          last_bytes=profile["last_bytes"], shared_bytes=profile.get("shared_bytes", 0),
+                          capacities=capacities, reserve=reserve, manual=manual)
         out.update(split_view(sp.counts, profile, pp, cfg))
     except ValueError as e:
         out["error"] = str(e)

@@ -11,7 +11,7 @@ for p in (str(TESTS), str(ROOT)):
     if p not in sys.path:
         sys.path.insert(0, p)
 
-from pp_runtime.group import WorkerGroup  # noqa: E402
+from pp_runtime.workers.group import WorkerGroup  # noqa: E402
 
 _GROUPS: dict[str, WorkerGroup] = {}
 

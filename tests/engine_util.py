@@ -1,12 +1,12 @@
 """Shared helpers for the engine tests: run a job on a group and the same job in one process."""
 import torch
 
-from pp_runtime.context import PPContext
-from pp_runtime.jobs import build_stage, prepare_denoise_job
-from pp_runtime.pipeline import PPDenoiser
+from pp_runtime.engine.context import PPContext
+from pp_runtime.loop.jobs import build_stage, prepare_denoise_job
+from pp_runtime.loop.denoiser import PPDenoiser
 
 TOY = {"factory": "toy_models:build", "kwargs": {"seed": 7}}
-DIT = {"factory": "pp_runtime.models.toy:build", "kwargs": {"depth": 5, "dim": 32, "heads": 2, "seed": 3}}
+DIT = {"factory": "pp_runtime.loop.models.toy:build", "kwargs": {"depth": 5, "dim": 32, "heads": 2, "seed": 3}}
 
 
 def conditioning(batch=1, context_dim=8, tokens=5, seed=0):

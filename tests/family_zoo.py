@@ -311,8 +311,8 @@ def state_dict(case: Case, seed: int = 0, dtype=torch.float32) -> dict[str, torc
 
 def num_blocks(case: Case) -> int:
     """Blocks of the case's model, as the staging table counts them."""
-    from pp_runtime.families import family_for
-    from pp_runtime.staging import block_modules
+    from pp_runtime.comfy.families import family_for
+    from pp_runtime.comfy.staging import block_modules
     cfg = config(case)
     cfg.set_inference_dtype(torch.float32, None)
     dm = cfg.get_model({}, "", device="meta").diffusion_model

@@ -29,9 +29,9 @@ import comfy.sample  # noqa: E402
 import comfy.sd  # noqa: E402
 import torch  # noqa: E402
 
-from pp_runtime.backends.ray_backend import RayWorkerGroup  # noqa: E402
-from pp_runtime.comfy_job import prepare_comfy_job  # noqa: E402
-from pp_runtime.group import WorkerError  # noqa: E402
+from pp_runtime.workers.ray_backend import RayWorkerGroup  # noqa: E402
+from pp_runtime.comfy.job import prepare_comfy_job  # noqa: E402
+from pp_runtime.workers.group import WorkerError  # noqa: E402
 
 ADDRESS = os.environ["PP_TEST_RAY_ADDRESS"]
 MODEL = comfy.sd.load_diffusion_model(os.environ["PP_TEST_MODEL"])
@@ -64,7 +64,7 @@ def group(world: int) -> RayWorkerGroup:
 
 def job(world: int, steps: int = 3, seed: int = 3):
     return prepare_comfy_job(world, MODEL, POS, NEG, EMPTY, seed=seed, steps=steps, cfg=3.5, sampler_name="euler",
-                             scheduler="simple", cfg_mode={"mode": MODES[world], "cfg_normalize": False})
+                             scheduler="simple", cfg_mode={"mode": MODES[world]})
 
 
 def stock(steps: int = 3, seed: int = 3) -> torch.Tensor:

@@ -12,7 +12,7 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from pp_runtime.comm import AsyncLatents, TensorDictP2P
+from pp_runtime.engine.comm import AsyncLatents, TensorDictP2P
 
 DELAY = 0.6
 

@@ -18,9 +18,10 @@ import comfy.sample  # noqa: E402
 import family_zoo as zoo  # noqa: E402
 from make_models import cached_model_files  # noqa: E402
 
-from pp_runtime import comfy_bridge as cb  # noqa: E402
-from pp_runtime import sampling_patches  # noqa: E402
-from pp_runtime.comfy_job import LATENT_HINTS, check_latent, sampler_output  # noqa: E402
+from pp_runtime.comfy import carry
+from pp_runtime.comfy import loading  # noqa: E402
+from pp_runtime.comfy import model_patches  # noqa: E402
+from pp_runtime.comfy.job import LATENT_HINTS, check_latent, sampler_output  # noqa: E402
 
 
 # -- v0.11: empty-latent nodes say which downscale ratio they assumed ------------------------
@@ -44,7 +45,7 @@ def test_empty_latent_is_fixed_with_its_downscale_ratio_as_stock_does():
 
 
 def test_add_noise_off_uses_comfyuis_empty_noise():
-    from pp_runtime.comfy_sampling import empty_noise
+    from pp_runtime.comfy.sampler import empty_noise
     import comfy.nested_tensor
     nested = comfy.nested_tensor.NestedTensor([torch.ones(1, 4, 2, 2, 2), torch.ones(1, 8, 4, 16)])
     noise = empty_noise(nested)
@@ -66,17 +67,17 @@ def test_context_window_settings_all_travel():
                                                context_schedule="standard_static", context_stride=1,
                                                closed_loop=False, fuse_method="pyramid", dim=2, freenoise=False,
                                                cond_retain_index_list="0", **extra).result[0]
-    spec, = sampling_patches.describe(patched)
-    again = sampling_patches.apply(zoo.model(zoo.BY_NAME["wan21_t2v"]), [spec]).model_options["context_handler"]
+    spec, = model_patches.describe(patched)
+    again = model_patches.apply(zoo.model(zoo.BY_NAME["wan21_t2v"]), [spec]).model_options["context_handler"]
     handler = patched.model_options["context_handler"]
     for k, v in vars(handler).items():
         if not callable(v) and not k.startswith("_") and k != "callbacks":
-            assert sampling_patches._same(v, getattr(again, k)), k
+            assert model_patches._same(v, getattr(again, k)), k
     if extra:
         assert again.latent_retain_index_list == [0] and again.causal_window_fix is False
     handler.something_new = 1
-    with pytest.raises(sampling_patches.UnsupportedPatch, match="something_new"):
-        sampling_patches.describe(patched)
+    with pytest.raises(model_patches.UnsupportedPatch, match="something_new"):
+        model_patches.describe(patched)
 
 
 # -- v0.11+: ways to patch a MODEL that the workers cannot run ------------------------------
@@ -88,8 +89,8 @@ def test_patches_the_workers_cannot_run_are_refused_by_name(what, match):
         pytest.skip(f"this ComfyUI's ModelPatcher has no {what}")
     key = "bypass_lora" if what == "injections" else "diffusion_model.blocks.0.ffn.0.weight"
     getattr(model, what)[key] = [object()]
-    with pytest.raises(sampling_patches.UnsupportedPatch, match=match):
-        sampling_patches.describe(model)
+    with pytest.raises(model_patches.UnsupportedPatch, match=match):
+        model_patches.describe(model)
 
 
 # -- v0.2x: CLIP vision outputs carry image sizes (Z-Image omni reads them) ------------------
@@ -98,14 +99,14 @@ def test_clip_vision_image_sizes_travel():
     clip = comfy.clip_vision.Output()
     clip["image_embeds"] = torch.randn(1, 8)
     clip["image_sizes"] = [torch.Size([3, 224, 224])]
-    meta, tensors = cb.pack_conditioning("positive", [[torch.zeros(1, 2, 4), {"clip_vision_output": clip}]])
-    (_, opts), = cb.unpack_conditioning("positive", cb.json_roundtrip(meta), tensors)
+    meta, tensors = carry.pack_conditioning("positive", [[torch.zeros(1, 2, 4), {"clip_vision_output": clip}]])
+    (_, opts), = carry.unpack_conditioning("positive", carry.json_roundtrip(meta), tensors)
     back = opts["clip_vision_output"]
     assert back.image_sizes == [torch.Size([3, 224, 224])] and isinstance(back.image_sizes[0], torch.Size)
     assert torch.equal(back.image_embeds, clip.image_embeds)
     clip["processor"] = object()
-    with pytest.raises(cb.CarryError, match="processor"):
-        cb.pack_conditioning("positive", [[torch.zeros(1, 2, 4), {"clip_vision_output": clip}]])
+    with pytest.raises(carry.CarryError, match="processor"):
+        carry.pack_conditioning("positive", [[torch.zeros(1, 2, 4), {"clip_vision_output": clip}]])
 
 
 # -- v0.33 DynamicVRAM: ComfyUI's layers make their weights only when loaded -----------------
@@ -118,16 +119,16 @@ def test_meta_model_under_dynamic_vram_keeps_every_weight():
     if not hasattr(mem, "aimdo_enabled"):
         pytest.skip("this ComfyUI has no DynamicVRAM")
     path = str(cached_model_files()["wan21_t2v"])
-    plain = cb.load_on_disk(path)
+    plain = loading.load_on_disk(path)
     mem.aimdo_enabled = True
     try:
-        dynamic = cb.load_on_disk(path)
+        dynamic = loading.load_on_disk(path)
     finally:
         mem.aimdo_enabled = False
     keys = lambda m: set(m.model.diffusion_model.state_dict())  # noqa: E731
     assert keys(dynamic) == keys(plain)
     assert comfy.lora.model_lora_keys_unet(dynamic.model, {}) == comfy.lora.model_lora_keys_unet(plain.model, {})
-    a, b = cb.model_profile(plain.model.diffusion_model), cb.model_profile(dynamic.model.diffusion_model)
+    a, b = loading.model_profile(plain.model.diffusion_model), loading.model_profile(dynamic.model.diffusion_model)
     assert a["block_bytes"] == b["block_bytes"] and a["costs"] == b["costs"]
 
 
@@ -137,7 +138,7 @@ def test_workers_keep_the_model_compiler_off():
     sets that flag, even when the ComfyUI process carries it off (on a tree without the flag,
     as v0.33, the attribute is made for the test)."""
     from comfy.cli_args import args
-    from pp_runtime.environment import apply_comfy_flags
+    from pp_runtime.workers.environment import apply_comfy_flags
     had = hasattr(args, "disable_comfy_compiler")
     old = getattr(args, "disable_comfy_compiler", None)
     try:

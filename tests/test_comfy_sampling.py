@@ -19,9 +19,9 @@ import comfy.samplers  # noqa: E402
 import comfy.sd  # noqa: E402
 from make_models import cached_model_files  # noqa: E402
 
-from pp_runtime.comfy_job import prepare_comfy_job  # noqa: E402
-from pp_runtime.group import WorkerGroup  # noqa: E402
-from pp_runtime.jobs import JobError  # noqa: E402
+from pp_runtime.comfy.job import prepare_comfy_job  # noqa: E402
+from pp_runtime.workers.group import WorkerGroup  # noqa: E402
+from pp_runtime.engine.layout import JobError  # noqa: E402
 
 TOL = 1e-4
 
@@ -206,7 +206,7 @@ def qwen(setup):
     MODEL from ComfyUI's loader, and the PP path's MODEL from ``load_on_disk`` (PP Load
     Diffusion Model: the workers read their stages from the file, nothing is exported).
     The worker group is the module's."""
-    from pp_runtime.comfy_bridge import load_on_disk
+    from pp_runtime.comfy.loading import load_on_disk
     path = str(cached_model_files()["qwen_image"])
     stock = comfy.sd.load_diffusion_model(path)
     on_disk = load_on_disk(path)

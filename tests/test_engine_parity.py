@@ -78,9 +78,9 @@ def test_batch2_parity_and_micro_batches(cpu_group, cfg_mode, world):
     per_pipeline = 4 if cfg_mode == "sequential" else 2
     computes = [s for s in res["spans"] if s["kind"] == "compute" and s["rank"] == 0]
     assert len(computes) == per_pipeline * STEPS
-    labels = {s["label"] for s in computes}
-    assert labels == ({"cond[0:1]", "cond[1:2]", "uncond[0:1]", "uncond[1:2]"} if cfg_mode == "sequential"
-                      else {"cond[0:1]", "cond[1:2]"})
+    units = {(s["entry"]["branch"], s["entry"]["micro_batch"]) for s in computes}  # the plan's units
+    assert units == ({("cond", 0), ("cond", 1), ("uncond", 2), ("uncond", 3)} if cfg_mode == "sequential"
+                     else {("cond", 0), ("cond", 1)})
 
 
 def test_output_slice_and_cfg_normalize(cpu_group):

@@ -6,8 +6,8 @@ import socket
 
 import pytest
 
-from pp_runtime.environment import ENV_FLAGS, apply_comfy_flags, loopback_interface
-from pp_runtime.group import worker_env
+from pp_runtime.workers.environment import ENV_FLAGS, apply_comfy_flags, loopback_interface
+from pp_runtime.workers.group import worker_env
 
 
 @pytest.mark.parametrize("var", ["CUDA_VISIBLE_DEVICES", "HIP_VISIBLE_DEVICES"])
@@ -68,7 +68,7 @@ def test_every_flag_of_this_comfyui_is_carried_or_left_with_a_reason():
     if import_comfy()[0] is None:
         pytest.skip("needs ComfyUI")
     from comfy.cli_args import args
-    from pp_runtime.environment import CARRIED_FLAGS, NOT_CARRIED
+    from pp_runtime.workers.environment import CARRIED_FLAGS, NOT_CARRIED
     left = {f for flags in NOT_CARRIED.values() for f in flags}
     assert not set(CARRIED_FLAGS) & left
     unknown = sorted(f for f in vars(args) if f not in CARRIED_FLAGS and f not in left)
@@ -108,6 +108,6 @@ def test_requirements_leave_comfyui_environment_alone():
     root = Path(__file__).resolve().parents[1]
     lines = [ln.split("#")[0].strip() for ln in (root / "requirements.txt").read_text().splitlines()]
     assert [ln for ln in lines if ln] == []
-    code = ("import sys; import pp_runtime.comfy_job, pp_runtime.group, pp_runtime.staging, pp_runtime.families; "
+    code = ("import sys; import pp_runtime.comfy.job, pp_runtime.workers.registry, pp_runtime.comfy.staging, pp_runtime.comfy.families; "
             "assert 'diffusers' not in sys.modules, 'diffusers imported'")
     subprocess.run([sys.executable, "-c", code], cwd=root, check=True)

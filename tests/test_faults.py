@@ -8,8 +8,9 @@ import time
 import pytest
 import torch
 
-from pp_runtime.group import WorkerError, WorkerGroup, parse_devices
-from pp_runtime.jobs import JobError, prepare_denoise_job
+from pp_runtime.workers.group import WorkerError, WorkerGroup, parse_devices
+from pp_runtime.engine.layout import JobError
+from pp_runtime.loop.jobs import prepare_denoise_job
 from engine_util import TOY, as_tensors, conditioning, reference
 
 TESTS = os.path.dirname(os.path.abspath(__file__))
@@ -123,7 +124,7 @@ def test_clean_shutdown_and_host_death_leave_no_orphans(tmp_path):
     group.shutdown()
     assert all(_gone(p) for p in pids)
     # A host that dies without shutting down: its workers notice and exit.
-    script = ("import sys, time; sys.path.insert(0, %r); from pp_runtime.group import WorkerGroup; "
+    script = ("import sys, time; sys.path.insert(0, %r); from pp_runtime.workers.group import WorkerGroup; "
               "g = WorkerGroup('cpu,cpu').start(); print(*g.pids, flush=True); time.sleep(600)"
               % os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
     host = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, text=True)

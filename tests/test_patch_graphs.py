@@ -29,9 +29,9 @@ if not torch.cuda.is_available():
     pytest.skip("CUDA graphs need a GPU", allow_module_level=True)
 
 import family_zoo as zoo  # noqa: E402
-from pp_runtime.families import family_for  # noqa: E402
-from pp_runtime.patches import PatchCall  # noqa: E402
-from pp_runtime.staging import StageForward, block_modules  # noqa: E402
+from pp_runtime.comfy.families import family_for  # noqa: E402
+from pp_runtime.comfy.token_patches import PatchCall  # noqa: E402
+from pp_runtime.comfy.staging import StageForward, block_modules  # noqa: E402
 from test_staging import recorded_calls  # noqa: E402
 
 CAPTURED = ["flux1_dev", "flux2", "chroma", "qwen_image", "hunyuan_video"]

@@ -14,11 +14,12 @@ import time
 import pytest
 
 from engine_util import TOY, as_tensors, conditioning, reference, run_parity
-from pp_runtime import group as group_module
-from pp_runtime.group import WorkerError, WorkerGroup, shared_group
-from pp_runtime.jobs import prepare_denoise_job
-from pp_runtime.backends import ray_backend
-from pp_runtime.backends.ray_backend import RAY_INSTALL_HINT, RayUnavailable, parse_ray_devices
+from pp_runtime.workers import registry as group_module
+from pp_runtime.workers.group import WorkerError, WorkerGroup
+from pp_runtime.workers.registry import shared_group
+from pp_runtime.loop.jobs import prepare_denoise_job
+from pp_runtime.workers import ray_backend
+from pp_runtime.workers.ray_backend import RAY_INSTALL_HINT, RayUnavailable, parse_ray_devices
 
 try:
     import ray

@@ -22,10 +22,10 @@ from comfy_env import require_comfy
 require_comfy()
 
 import family_zoo as zoo  # noqa: E402
-from pp_runtime import comfy_bridge as cb  # noqa: E402
-from pp_runtime.families import family_for  # noqa: E402
-from pp_runtime.staging import block_modules, stage_prefixes  # noqa: E402
-from pp_runtime.split import Split  # noqa: E402
+from pp_runtime.comfy import loading as cb  # noqa: E402
+from pp_runtime.comfy.families import family_for  # noqa: E402
+from pp_runtime.comfy.staging import block_modules, stage_prefixes  # noqa: E402
+from pp_runtime.engine.split import Split  # noqa: E402
 
 
 def bfl(sd: dict) -> dict:

@@ -52,6 +52,11 @@ def test_group_states():
     assert pd.status_view([run])["state"] == "started"
 
 
+# The plan entries the executor records with each span (engine.plan.Unit.entry).
+COND = {"mb": 0, "micro_batch": 0, "branch": "cond", "pipeline": 0, "patch": None, "patches": None}
+UNCOND = {**COND, "mb": 1, "micro_batch": 1, "branch": "uncond"}
+
+
 def _synthetic_run(steps=4, clock_skew=1000.0):
     """Two ranks, sequential CFG, unit stage time 10 ms per micro-batch, a perfect pipeline:
     rank 0: cond [0,10] uncond [10,20]; rank 1: cond [10,20] uncond [20,30]; step period 40 ms.
@@ -59,13 +64,19 @@ def _synthetic_run(steps=4, clock_skew=1000.0):
     spans = []
     for s in range(steps):
         t = 40.0 * s
-        spans += [{"rank": 0, "step": s, "kind": "compute", "label": "cond[0]", "t0_ms": t, "t1_ms": t + 10},
-                  {"rank": 0, "step": s, "kind": "compute", "label": "uncond[1]", "t0_ms": t + 10, "t1_ms": t + 20},
-                  {"rank": 0, "step": s + 1, "kind": "wait", "label": "pass", "t0_ms": t + 20, "t1_ms": t + 40}]
+        spans += [{"rank": 0, "step": s, "kind": "compute", "label": "cond[0]", "entry": COND, "t0_ms": t,
+                   "t1_ms": t + 10},
+                  {"rank": 0, "step": s, "kind": "compute", "label": "uncond[1]", "entry": UNCOND, "t0_ms": t + 10,
+                   "t1_ms": t + 20},
+                  {"rank": 0, "step": s + 1, "kind": "wait", "label": "pass", "entry": {"pass": True},
+                   "t0_ms": t + 20, "t1_ms": t + 40}]
         r1 = t - clock_skew
-        spans += [{"rank": 1, "step": s, "kind": "wait", "label": "mb0", "t0_ms": r1, "t1_ms": r1 + 10},
-                  {"rank": 1, "step": s, "kind": "compute", "label": "mb0", "t0_ms": r1 + 10, "t1_ms": r1 + 20},
-                  {"rank": 1, "step": s, "kind": "compute", "label": "mb1", "t0_ms": r1 + 20, "t1_ms": r1 + 30}]
+        spans += [{"rank": 1, "step": s, "kind": "wait", "label": "cond[0]", "entry": COND, "t0_ms": r1,
+                   "t1_ms": r1 + 10},
+                  {"rank": 1, "step": s, "kind": "compute", "label": "cond[0]", "entry": COND, "t0_ms": r1 + 10,
+                   "t1_ms": r1 + 20},
+                  {"rank": 1, "step": s, "kind": "compute", "label": "uncond[1]", "entry": UNCOND, "t0_ms": r1 + 20,
+                   "t1_ms": r1 + 30}]
     done = [{"rank": 0, "pp_rank": 0, "cfg_rank": 0, "stage": [0, 1], "clock0_ms": 5000.0},
             {"rank": 1, "pp_rank": 1, "cfg_rank": 0, "stage": [1, 2], "clock0_ms": 5000.0 + clock_skew}]
     return {"ranks": done, "spans": spans, "layout": {"pp": 2, "cfg": 1}, "split": [1, 1], "family": "X"}
@@ -89,7 +100,7 @@ def test_timeline_view_numbers():
     # rank 1's bars are on rank 0's clock: its cond starts when rank 0's cond ends
     first = {(b["rank"], b["branch"]): b for b in comp if b["step"] == 1}
     assert first[(1, "cond")]["t0"] == pytest.approx(first[(0, "cond")]["t1"])
-    assert first[(1, "uncond")]["branch"] == "uncond"  # "mb1" named by rank 0's label
+    assert first[(1, "uncond")]["mb"] == 1 and "patch" not in first[(1, "uncond")]
     assert all(0 <= b["t0"] <= b["t1"] <= tl["window_ms"] + 1e-6 for b in tl["bars"])
     assert [st["step"] for st in tl["step_starts"]] == [1, 2, 3]
 

@@ -58,7 +58,7 @@ LOADERS = {"stock": "UNETLoader", "pp": "PPLoadDiffusionModel"}
 def build(model: str, pp: bool, case: dict, tag: str) -> dict:
     """The stock or PP graph of a case. Keys of case (all optional): sampler, scheduler,
     cfg, steps, seed, batch, denoise (< 1 puts PPTestNoisyLatent in front), and for the
-    PP graph: devices, mode, cfg_normalize, strategy, manual, loader ("stock" | "pp"),
+    PP graph: devices, mode, strategy, manual, loader ("stock" | "pp"),
     latent ("EmptyLatentImage" to feed a 4-channel latent)."""
     g = load_workflow(MODELS[model][1 if pp else 0])
     s = inputs(g, "PPKSampler" if pp else "KSampler")
@@ -77,8 +77,7 @@ def build(model: str, pp: bool, case: dict, tag: str) -> dict:
     inputs(g, "SaveLatent")["filename_prefix"] = f"latents/{tag}_{'pp' if pp else 'stock'}"
     if pp:
         inputs(g, "PPWorkerGroup")["devices"] = case.get("devices", "cpu,cpu")
-        inputs(g, "PPCFGMode").update(mode=case.get("mode", "auto"),
-                                      cfg_normalize=case.get("cfg_normalize", False))
+        inputs(g, "PPCFGMode").update(mode=case.get("mode", "auto"))
         inputs(g, "PPStageSplit").update(strategy=case.get("strategy", "balanced"),
                                          manual=case.get("manual", ""))
         if "loader" in case:
@@ -139,7 +138,7 @@ def test_server_up_with_pack(srv):
 
     assert {"devices", "backend"} <= names("PPWorkerGroup")
     assert {"strategy", "manual"} <= names("PPStageSplit")
-    assert {"mode", "cfg_normalize"} <= names("PPCFGMode")
+    assert names("PPCFGMode") == {"mode"}
     assert {"unet_name", "weight_dtype"} <= names("PPLoadDiffusionModel")
     assert {"model", "group", "positive", "negative", "latent_image", "seed", "steps", "cfg",
             "sampler_name", "scheduler", "denoise"} <= names("PPKSampler")

@@ -68,7 +68,7 @@ def graph(srv, case, tag: str, layout: str | None, blocks: int) -> dict:
         devices, mode, manual = LAYOUTS[layout]
         g["4"]["inputs"].update(group=["5", 0], cfg_mode=["6", 0], split=["7", 0])
         g["5"] = {"class_type": "PPWorkerGroup", "inputs": {"devices": devices, "backend": "local"}}
-        g["6"] = {"class_type": "PPCFGMode", "inputs": {"mode": mode, "cfg_normalize": False}}
+        g["6"] = {"class_type": "PPCFGMode", "inputs": {"mode": mode}}
         g["7"] = {"class_type": "PPStageSplit",
                   "inputs": {"strategy": "manual" if manual else "balanced",
                              "manual": f"{blocks - 2},1,1" if manual else ""}}

@@ -19,9 +19,9 @@ import comfy.sd  # noqa: E402
 from make_models import cached_model_files, make_wan21_t2v  # noqa: E402
 from wan_files import wan_file  # noqa: E402
 
-from pp_runtime.comfy_bridge import load_on_disk  # noqa: E402
-from pp_runtime.comfy_job import prepare_comfy_job  # noqa: E402
-from pp_runtime.group import WorkerGroup  # noqa: E402
+from pp_runtime.comfy.loading import load_on_disk  # noqa: E402
+from pp_runtime.comfy.job import prepare_comfy_job  # noqa: E402
+from pp_runtime.workers.group import WorkerGroup  # noqa: E402
 
 TOL = 1e-4
 OVERHEAD = 24 << 20  # allowed peak-RSS growth beyond the stage's own bytes while placing it
@@ -329,7 +329,7 @@ def _in_memory(model):
 def test_stock_model_from_a_file_is_read_from_that_file(tmp_path):
     """ComfyUI records the file a stock-loader MODEL came from: the workers read that file
     (nothing exported), with the MODEL's LoRA patches as the only thing that crosses."""
-    from pp_runtime import comfy_bridge as cb
+    from pp_runtime.comfy import export
     path = str(cached_model_files()["wan21_t2v"])
     model = comfy.sd.load_diffusion_model(path)
     if getattr(model, "cached_patcher_init", None) is None:
@@ -339,7 +339,7 @@ def test_stock_model_from_a_file_is_read_from_that_file(tmp_path):
     job = prepare_comfy_job(2, model, pos, neg, EMPTY, seed=1, steps=1, cfg=3.0, sampler_name="euler",
                             scheduler="simple", export_dir=str(folder))[0]
     assert job["model"]["path"] == path and not folder.exists()
-    assert cb.loaded_from_file(_in_memory(comfy.sd.load_diffusion_model(path))) is None
+    assert export.loaded_from_file(_in_memory(comfy.sd.load_diffusion_model(path))) is None
 
 
 def test_stock_model_export_is_reused_kept_on_its_device_and_removed(tmp_path):
@@ -350,12 +350,12 @@ def test_stock_model_export_is_reused_kept_on_its_device_and_removed(tmp_path):
     import gc
 
     import comfy.model_management as mm
-    from pp_runtime import comfy_bridge as cb
+    from pp_runtime.comfy import export
     path = str(cached_model_files()["wan21_t2v"])
     pos, neg = _conds(1)
     folder = tmp_path / "exports"
     folder.mkdir()
-    stale = folder / f"{cb.EXPORT_PREFIX}999999-0123456789ab.safetensors"  # a crashed process's (no such pid)
+    stale = folder / f"{export.EXPORT_PREFIX}999999-0123456789ab.safetensors"  # a crashed process's (no such pid)
     stale.write_bytes(b"x")
 
     def job(model):

@@ -29,10 +29,9 @@ from comfy.ldm.wan.model import WanModel  # noqa: E402
 
 import family_zoo as zoo  # noqa: E402
 from make_models import randomize  # noqa: E402
-from pp_runtime.comfy_sampling import rows_of  # noqa: E402
-from pp_runtime.families import FAMILIES, UnsupportedModel, family_for  # noqa: E402
-from pp_runtime.staging import (StageCancelled, StageForward, block_modules, flatten_state, profile,  # noqa: E402
-                                stage_prefixes, unflatten_state, unplaced)
+from pp_runtime.comfy.runner import rows_of  # noqa: E402
+from pp_runtime.comfy.families import FAMILIES, UnsupportedModel, family_for  # noqa: E402
+from pp_runtime.comfy.staging import StageCancelled, StageForward, block_modules, flatten_state, profile, stage_prefixes, unflatten_state, unplaced
 
 # The same modules on the same tensors in the same order: expected bit-exact (measured: 0.0
 # for every family).  The bound leaves room only for a kernel picking another reduction
@@ -151,7 +150,7 @@ def _family_name(case):
 def test_every_family_has_cases():
     """The zoo builds models of every family in the staging table whose classes this ComfyUI
     has (MiniMax-H3 needs >= 0.33)."""
-    from pp_runtime.families import _cls
+    from pp_runtime.comfy.families import _cls
     present = {f.name for f in FAMILIES if any(_cls(p) is not None for p in f.classes)}
     assert {_family_name(c) for c in zoo.CASES} == present
     assert {c.name for c in zoo.CASES} == {c.name for c in zoo.ALL_CASES if zoo.available(c)}
@@ -372,9 +371,10 @@ def test_minimax_h3_keyframes_mask_noise_aug_through_the_pass_encoding():
     as between ranks (``minimax_payload`` without its PackedLayout, which every rank rebuilds):
     staged at every split equals the unsplit ``_forward`` on the original arguments."""
     import comfy.nested_tensor
-    from pp_runtime import comfy_bridge as cb
-    from pp_runtime.comfy_sampling import decode_pass, encode_pass
-    from pp_runtime.patches import describe_support
+    from pp_runtime.comfy import carry
+    from pp_runtime.comfy.runner import decode_pass, encode_pass, micro_batches, pass_inputs
+    from pp_runtime.engine.plan import plan_pass
+    from pp_runtime.comfy.token_patches import describe_support
     case = _minimax_or_skip()
     model = zoo.model(case)
     dm = model.model.diffusion_model
@@ -385,8 +385,8 @@ def test_minimax_h3_keyframes_mask_noise_aug_through_the_pass_encoding():
            "audio_latent": torch.randn(1, 32, 2, 3, generator=g)}]
     for c in (pos, neg):
         c[0][1].update({"minimax_keyframes": kf, "minimax_visual_cond_noise_aug": 0.9})
-    meta, tensors = cb.pack_conditioning("positive", pos)
-    back = cb.unpack_conditioning("positive", cb.json_roundtrip(meta), tensors)
+    meta, tensors = carry.pack_conditioning("positive", pos)
+    back = carry.unpack_conditioning("positive", carry.json_roundtrip(meta), tensors)
     assert back[0][1]["minimax_keyframes"][0]["resolved_frame_index"] == 0
     assert torch.equal(back[0][1]["minimax_keyframes"][0]["audio_latent"], kf[0]["audio_latent"])
     lat = zoo.latent(case)
@@ -411,8 +411,11 @@ def test_minimax_h3_keyframes_mask_noise_aug_through_the_pass_encoding():
     assert [s[2] for s in payload["layout"].segments][-2:] == ["audio", "video"]
     assert "cond" in [s[2] for s in payload["layout"].segments] and kwargs["denoise_mask"] is not None
     named = {k: v for k, v in kwargs.items() if k not in ("context", "transformer_options") and v is not None}
-    msg = encode_pass(x, t, kwargs["context"], named, [1], [0])
-    ((kw, _, _),) = decode_pass(msg)
+    plan = plan_pass([0], stages=2)
+    msg = encode_pass(plan, pass_inputs(x, t, kwargs["context"], named), {}, {})
+    plan2, inputs, per_row, whole = decode_pass(msg)
+    assert plan2 == plan
+    ((kw, _),) = micro_batches(plan2, 0, inputs, per_row, whole).values()
     assert "layout" not in kw["minimax_payload"] and kw["minimax_payload"]["seed"] == payload["seed"]
     with torch.no_grad():
         ref = dm._forward(*clone((x, t)), **clone(kwargs))

@@ -1,9 +1,11 @@
 """Topology, split and plan: pure data, no processes."""
+import json
+
 import pytest
 
-from pp_runtime.plan import make_plan
-from pp_runtime.split import SplitError, split_blocks
-from pp_runtime.topology import Topology, TopologyError
+from pp_runtime.engine.plan import PassPlan, plan_pass
+from pp_runtime.engine.split import SplitError, split_blocks
+from pp_runtime.engine.topology import Topology, TopologyError
 
 
 def test_topology_pp2_cfg2():
@@ -61,24 +63,58 @@ def test_split_errors(kw, message):
 
 
 def test_plan_as_data():
-    plan = make_plan(2, batch=1, branches=("cond", "uncond"))
-    assert [mb.label for mb in plan.micro_batches] == ["cond[0:1]", "uncond[0:1]"]
+    # sequential CFG, batch 1: a cond and an uncond unit through 2 stages
+    plan = plan_pass([0, 1], stages=2)
+    assert [u.label for u in plan.units] == ["cond[0]", "uncond[1]"]
     assert plan.actions(0) == [("forward", 0), ("send", 0), ("forward", 1), ("send", 1)]
     assert plan.actions(1) == [("recv", 0), ("forward", 0), ("recv", 1), ("forward", 1)]
     assert plan.schedule() == [(0, 0, 0), (1, 1, 0), (1, 0, 1), (2, 1, 1)]
     assert "ideal speedup 1.33x" in str(plan)
-    speedups = [round(make_plan(2, m).ideal_speedup, 2) for m in (1, 2, 4, 8)]
+    speedups = [round(plan_pass([0] * m, stages=2).ideal_speedup, 2) for m in (1, 2, 4, 8)]
     assert speedups == [1.0, 1.33, 1.6, 1.78]  # DESIGN.md section 6
-    batched = make_plan(3, batch=4, branches=("cond", "uncond"), micro_batch_size=2, batched_cfg=True)
-    assert [mb.label for mb in batched.micro_batches] == ["cond+uncond[0:2]", "cond+uncond[2:4]"]
-    b4 = make_plan(2, batch=4, branches=("cond", "uncond"))
-    assert b4.num_micro_batches == 8 and round(b4.ideal_speedup, 2) == 1.78
+    # batched CFG: a chunk's cond and uncond rows as one unit
+    batched = plan_pass([0, 0, 1, 1], stages=3, micro_batch_size=4)
+    assert [(u.rows, u.branch_name) for u in batched.units] == [((0, 1, 2, 3), "cond+uncond")]
+    # CFG-parallel: a branch per pipeline, gathered on the last stage
+    cfgpar = plan_pass([0, 1], stages=2, pipelines=2)
+    assert [(u.pipeline, u.rows) for u in cfgpar.units] == [(0, (0,)), (1, (1,))]
+    assert cfgpar.rows_of(1) == [1] and cfgpar.actions(1, 1) == [("recv", 0), ("forward", 0), ("gather", -1)]
+    # patch pipelining: M units per micro-batch, sharing its rows
+    patched = plan_pass([0, 1], stages=2, patches=3)
+    assert [(u.micro_batch, u.patch, u.label) for u in patched.units][:3] == [
+        (0, 0, "cond[0] p1/3"), (0, 1, "cond[0] p2/3"), (0, 2, "cond[0] p3/3")]
+    assert [u.index for u in patched.units] == [0, 1, 2, 0, 1, 2][:3] + [3, 4, 5]
+    # the plan travels as data
+    for p in (plan, batched, cfgpar, patched):
+        assert PassPlan.from_data(json.loads(json.dumps(p.to_data()))) == p
+    with pytest.raises(ValueError, match="CFG group of 3"):
+        plan_pass([0, 1, 2], stages=1, pipelines=3)
+
+
+def test_mixin_plans_match_the_seed():
+    """The seed's micro-batches: each branch's chunks in order (cond first); batched CFG a
+    chunk's cond and uncond items together; CFG-parallel one branch per pipeline."""
+    from pp_runtime.engine.mixin import PipelineParallelMixin
+    from pp_runtime.engine.topology import Topology
+
+    class M(PipelineParallelMixin):
+        def __init__(self, pp, cfg, size=1, batched=False):
+            self.pp = type("Ctx", (), {"topo": Topology.build(pp * cfg, pp=pp, cfg=cfg)})()
+            self.micro_batch_size, self.batched_cfg = size, batched
+    seq = M(2, 1).pass_plan(True, batch=2)
+    assert [(u.rows, u.branch_name) for u in seq.units] == [((0,), "cond"), ((1,), "cond"), ((2,), "uncond"),
+                                                            ((3,), "uncond")]
+    bat = M(3, 1, size=2, batched=True).pass_plan(True, batch=4)
+    assert [u.rows for u in bat.units] == [(0, 1, 4, 5), (2, 3, 6, 7)]
+    par = M(2, 2).pass_plan(True, batch=1)
+    assert [(u.pipeline, u.branch_name) for u in par.units] == [(0, "cond"), (1, "uncond")]
+    assert M(2, 1).pass_plan(False, batch=4).rows == 4
 
 
 def test_by_memory_fills_mixed_cards_in_proportion():
     """A 32 GB and a 24 GB card: the weights go 4:3 (after the activation reserve and the
     shared weights each holds); a model that cannot fit is refused with the numbers."""
-    from pp_runtime.split import SplitError, split_blocks
+    from pp_runtime.engine.split import SplitError, split_blocks
     gib = 2**30
     sp = split_blocks("by_memory", 56, 2, block_bytes=[gib // 2] * 56, shared_bytes=gib // 2,
                       capacities=[32 * gib, 24 * gib], reserve=gib)

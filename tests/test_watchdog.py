@@ -21,8 +21,8 @@ COMFY_ROOT = require_comfy()
 import comfy.sd  # noqa: E402
 from make_models import cached_model_files  # noqa: E402
 
-from pp_runtime.comfy_job import prepare_comfy_job  # noqa: E402
-from pp_runtime.group import WorkerError, WorkerGroup  # noqa: E402
+from pp_runtime.comfy.job import prepare_comfy_job  # noqa: E402
+from pp_runtime.workers.group import WorkerError, WorkerGroup  # noqa: E402
 
 
 @pytest.fixture(scope="module")
@@ -131,7 +131,7 @@ def test_exception_message_names_the_frame(wan):
             group.run(job, t, rank_tensors=rt)
         text = str(err.value)
         print(f"[exception] {text}")
-        assert "CarryError: " in text and "changed on disk" in text and "(at comfy_bridge.py:" in text
+        assert "CarryError: " in text and "changed on disk" in text and "(at loading.py:" in text
         assert "\n" not in text
     finally:
         group.shutdown()

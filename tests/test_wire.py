@@ -7,7 +7,7 @@ import struct
 import pytest
 import torch
 
-from pp_runtime import wire
+from pp_runtime.workers import wire
 
 
 def test_round_trip_every_kind():

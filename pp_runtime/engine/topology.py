@@ -130,9 +130,3 @@ class Topology:
     def is_output_rank(self) -> bool:
         """The one rank that reports results to the host: last stage of CFG pipeline 0."""
         return self.is_last and self.cfg_rank == 0
-
-    def with_rank(self, rank: int) -> "Topology":
-        return Topology(dict(self.degrees), rank)
-
-    def describe(self) -> str:
-        return " x ".join(f"{d}{self.degrees[d]}" for d in ORDER)

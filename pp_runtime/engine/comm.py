@@ -188,24 +188,6 @@ class AsyncIntermediateTensors:
             self.waits += 1
             self._tensors = self.p2p._resolve(self)
 
-    @property
-    def stopped(self) -> bool:
-        self.wait_quietly()
-        return self._tensors is None
-
-    @property
-    def tensors(self) -> dict[str, torch.Tensor]:
-        return self.wait()
-
-    def __getitem__(self, key):
-        return self.wait()[key]
-
-    def keys(self):
-        return self.wait().keys()
-
-    def items(self):
-        return self.wait().items()
-
 
 class AsyncLatents:
     """Latents arriving from the last rank, waited for only when first used.

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import importlib
 
-from .patches import PatchSpec
+from .token_patches import PatchSpec
 from .staging import BlockList, Family
 
 DUAL = ("img", "txt")

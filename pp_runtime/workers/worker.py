@@ -1,4 +1,4 @@
-"""Worker process: ``python -m pp_runtime.worker``, one per device.
+"""Worker process: ``python -m pp_runtime.workers.worker``, one per device.
 
 Started by the host's ``WorkerGroup`` with its environment set explicitly.  Reads the
 group key from stdin, connects back to the host's loopback listener (HMAC handshake),
@@ -9,7 +9,7 @@ other ranks may be mid-communication, so the host tears the whole group down.
 
 The control transport is anything with ``send_bytes(b)`` / ``recv_bytes()`` / ``close()``
 (``recv_bytes`` raising ``EOFError``/``OSError`` once the host is gone): here a
-``multiprocessing`` Connection; on Ray (``backends/ray_actor.py``) a channel made of
+``multiprocessing`` Connection; on Ray (``ray_actor.py``) a channel made of
 actor methods, which also offers ``flush(timeout)`` so that a worker's last message (its
 error report) reaches the host before the process exits.
 """
@@ -31,13 +31,14 @@ import torch
 import torch.distributed as dist
 
 from . import wire
-from .comm import PipelineStopped
-from .context import PPContext
+from ..engine.comm import PipelineStopped
+from ..engine.context import PPContext
 from .environment import apply_comfy_flags, comfy_flags, flags_from_env
 from .health import Activity, apply_memory_cap, describe_failure, start_heartbeat
-from .jobs import build_stage, placement_key
-from .split import Split
-from .pipeline import PPDenoiser
+from ..loop.jobs import build_stage
+from .placement import placement_key
+from ..engine.split import Split
+from ..loop.denoiser import PPDenoiser
 
 
 
@@ -81,7 +82,7 @@ class Worker:
         into pinned host memory (buffers reused from step to step), sent by the streamer
         thread once the copies are done.  (A plain ``.cpu()`` here would make every step wait
         for the GPU to drain; a new pinned buffer per step costs a cudaHostAlloc each time.)"""
-        from .comfy_bridge import latent_parts
+        from ..comfy.carry import latent_parts
         hosts, done = {}, None
         for name, t in latent_parts("latents", latents).items():
             if t.is_cuda:
@@ -163,8 +164,8 @@ class Worker:
             start, end = Split(tuple(job["split"])).ranges[ctx.topo.pp_rank]
             self.activity.set("placing", detail=f"its stage, blocks {start}-{end - 1}")
             if job["kind"] == "comfy_sample":
-                from .comfy_sampling import ComfyStage  # ComfyUI only in workers that run its models
-                placed = ComfyStage(job["model"], job["split"], ctx.topo, self.device)
+                from ..comfy.stage import ComfyStage  # ComfyUI only in workers that run its models
+                placed = ComfyStage(job["model"], (start, end), ctx.topo, self.device)
             else:
                 placed = build_stage(job["model"], job["split"], ctx.topo.pp_rank, self.device)
             self.activity.set("sampling")
@@ -238,15 +239,16 @@ class Worker:
         self._after(job)
 
     def run_comfy(self, msg, tensors, ctx, stage, info):
-        from .comfy_sampling import ComfyPipelineRunner, sample_on_last_rank
+        from ..comfy.runner import ComfyPipelineRunner
+        from ..comfy.sampler import sample_on_last_rank
         job, job_id = msg["job_spec"], msg["job"]
         topo = ctx.topo
         t_start = time.perf_counter()
-        patched = stage.apply_patches(job, tensors)
+        weights_patched = stage.apply_weight_patches(job, tensors)  # LoRA
         runner = ComfyPipelineRunner(ctx, stage, job.get("micro_batch_size", 1), job.get("batched_cfg", False),
                                      cancelled=lambda: self.interrupt_job == job_id,
                                      options=job.get("carry", {}).get("transformer_options"),
-                                     on_block=self._on_block, patches=job.get("patch_pipelining"))
+                                     on_block=self._on_block, pipelining=job.get("patch_pipelining"))
 
         def on_step(i, total, x0):
             if topo.is_output_rank:
@@ -266,7 +268,7 @@ class Worker:
         done = {"op": "done", "job": job_id, "interrupted": interrupted, **info, "held": self._held(job),
                 "seconds": time.perf_counter() - t_start, "spans": runner.timeline.take(wait=True),
                 "stage": list(stage.range), "pp_rank": topo.pp_rank, "cfg_rank": topo.cfg_rank,
-                "passes": runner.passes, "patched": patched,
+                "passes": runner.passes, "patched": weights_patched,
                 "patch_pipelining": {"patched_passes": runner.patched_passes, "cache_bytes": stage.forward.kv.bytes(),
                                      "graphs": len(stage.forward.graphs.graphs),
                                      "graph_replays": stage.forward.graphs.replays,
@@ -276,7 +278,7 @@ class Worker:
                 "load_peak_growth": stage.load_peak_growth if info["loaded"] else 0, "mem": mem_info(self.device), "clock0_ms": runner.timeline._t0 * 1e3}
         out = None
         if topo.is_output_rank and result is not None:
-            from .comfy_bridge import latent_parts
+            from ..comfy.carry import latent_parts
             out = latent_parts("latents", result)
         self._steps.join()  # every step message before 'done'
         self.send(done, out)
@@ -373,8 +375,8 @@ def import_comfy(device: torch.device) -> None:
         import comfy.sample  # noqa: F401
         import comfy.samplers  # noqa: F401
 
-        from .comfy_sampling import ComfyStage  # noqa: F401  (and the staging table it imports)
-        from .families import import_family_classes
+        from ..comfy.stage import ComfyStage  # noqa: F401  (and the staging table it imports)
+        from ..comfy.families import import_family_classes
         import_family_classes()  # every family's model code: placing a stage then allocates only the stage
 
 

@@ -2,7 +2,7 @@
 
 Imported by the host only to declare the actor class, and by Ray's worker processes to run
 it; module-level imports are stdlib only.  The actor runs the ordinary
-``pp_runtime.worker.Worker`` loop in a thread, over ``ActorChannel``: a transport made of
+``worker.Worker`` loop in a thread, over ``ActorChannel``: a transport made of
 Ray actor methods, so the control plane is Ray's own (authenticated by the cluster, no
 extra listener):
 
@@ -145,10 +145,10 @@ class PPWorkerActor:
         return True
 
     def _main(self, init_method: str, timeout: float, node: str) -> None:
-        from pp_runtime import wire
+        from pp_runtime.workers import wire
         try:
             import torch
-            from pp_runtime.worker import Worker, join_group
+            from pp_runtime.workers.worker import Worker, join_group
             if self.cpu_threads:
                 torch.set_num_threads(self.cpu_threads)
             if not os.environ.get("GLOO_SOCKET_IFNAME"):  # not configured: the interface of Ray's node address

@@ -1,4 +1,4 @@
-"""Jobs: validated on the host before any worker starts, executed the same on every rank.
+"""Jobs of the seed's diffusers-scheduler loop: validated on the host before any worker starts.
 
 A model is named by a *model spec*: ``{"factory": "module:function", "kwargs": {...},
 "dtype": "float32"}``; the factory builds a ``StagedModel`` (deterministically, so every
@@ -10,19 +10,12 @@ from __future__ import annotations
 
 import importlib
 import inspect
-import json
 
 import torch
 
-from .sampling import SCHEDULERS
-from .split import Split, split_blocks
-from .topology import Topology
-
-CFG_MODES = ("auto", "sequential", "cfg_parallel", "batched", "off")
-
-
-class JobError(ValueError):
-    """Bad input, found before any GPU work."""
+from ..engine.layout import JobError, choose_layout
+from .schedulers import SCHEDULERS
+from ..engine.split import Split, split_blocks
 
 
 def import_factory(path: str):
@@ -46,25 +39,6 @@ def model_profile(spec: dict) -> dict:
             "last_bytes": int(getattr(model, "head_bytes", lambda: 0)() * scale)}
 
 
-def choose_layout(world: int, cfg_mode: str, do_cfg: bool) -> dict:
-    """pp x cfg for a group of ``world`` processes.
-
-    ``auto`` takes CFG-parallel only with 4+ devices (PP2 x CFG2 and up), so that on two
-    devices the model is still split in two; ``cfg_parallel`` asks for it outright.
-    """
-    if cfg_mode not in CFG_MODES:
-        raise JobError(f"cfg mode '{cfg_mode}' is unknown; use one of {', '.join(CFG_MODES)}")
-    want_parallel = do_cfg and (cfg_mode == "cfg_parallel" or (cfg_mode == "auto" and world >= 4 and world % 2 == 0))
-    if cfg_mode == "cfg_parallel" and world % 2:
-        raise JobError(f"cfg_parallel needs an even number of devices, the group has {world}; "
-                       f"add or remove a device, or use cfg mode 'sequential'")
-    try:
-        topo = Topology.build(world, cfg=2 if want_parallel else 1)
-    except ValueError as e:
-        raise JobError(str(e)) from e
-    return dict(topo.degrees)
-
-
 def prepare_denoise_job(world: int, model: dict, *, latent_shape, steps: int, seed: int,
                         scheduler: str = "flow_euler", guidance_scale: float = 1.0, cfg_mode: str = "sequential",
                         cfg_normalize: bool = False, output_slice: int | None = None,
@@ -75,7 +49,7 @@ def prepare_denoise_job(world: int, model: dict, *, latent_shape, steps: int, se
     if int(steps) < 1:
         raise JobError(f"steps must be at least 1, got {steps}")
     do_cfg = cfg_mode != "off" and guidance_scale != 1.0
-    layout = choose_layout(world, cfg_mode, do_cfg)
+    layout = dict(choose_layout(world, cfg_mode, do_cfg).degrees)
     prof = model_profile(model)
     try:
         sp = split_blocks(split, prof["num_blocks"], layout["pp"], costs=prof["costs"],
@@ -90,10 +64,6 @@ def prepare_denoise_job(world: int, model: dict, *, latent_shape, steps: int, se
                          "output_slice": output_slice},
             "micro_batch_size": int(micro_batch_size), "batched_cfg": cfg_mode == "batched",
             "tensors_to": "first"}  # conditioning: only the first stage of each pipeline embeds it
-
-
-def placement_key(job: dict) -> str:
-    return json.dumps([job["model"], job["split"], job["layout"]], sort_keys=True)
 
 
 def build_stage(model_spec: dict, counts: list[int], stage: int, device: torch.device):

@@ -27,35 +27,38 @@ class Timeline:
             self._e0.record()
 
     @contextmanager
-    def span(self, kind: str, label: str):
+    def span(self, kind: str, label: str, entry: dict | None = None):
+        """Time a ``kind`` ("compute", "wait") of ``label``; ``entry``: what it is in the pass
+        plan (unit, micro-batch, branch, patch: ``plan.Unit.entry``), which the panel draws."""
         if self.cuda:
             a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
             c = time.perf_counter()
             a.record()
             yield
             b.record()
-            self._open.append((kind, label, self.step, a, b, (time.perf_counter() - c) * 1e3))
+            self._open.append((kind, label, entry, self.step, a, b, (time.perf_counter() - c) * 1e3))
         else:
             a = time.perf_counter()
             yield
             b = time.perf_counter()
-            self.spans.append(self._row(kind, label, self.step, (a - self._t0) * 1e3, (b - self._t0) * 1e3))
+            self.spans.append(self._row(kind, label, entry, self.step, (a - self._t0) * 1e3, (b - self._t0) * 1e3))
 
-    def _row(self, kind, label, step, t0, t1):
-        return {"rank": self.rank, "step": step, "kind": kind, "label": label,
+    def _row(self, kind, label, entry, step, t0, t1):
+        return {"rank": self.rank, "step": step, "kind": kind, "label": label, "entry": entry,
                 "t0_ms": round(t0, 4), "t1_ms": round(t1, 4)}
 
     def take(self, wait: bool = False) -> list[dict]:
         """Completed spans since the last call (``wait``: all of them, syncing CUDA)."""
         still_open = []
-        for kind, label, step, a, b, cpu in self._open:
+        for item in self._open:
+            kind, label, entry, step, a, b, cpu = item
             if wait:
                 b.synchronize()
             if b.query():
-                row = self._row(kind, label, step, self._e0.elapsed_time(a), self._e0.elapsed_time(b))
+                row = self._row(kind, label, entry, step, self._e0.elapsed_time(a), self._e0.elapsed_time(b))
                 self.spans.append({**row, "cpu_ms": round(cpu, 4)})
             else:
-                still_open.append((kind, label, step, a, b, cpu))
+                still_open.append(item)
         self._open = still_open
         out, self.spans = self.spans, []
         return out

@@ -32,8 +32,9 @@ from dataclasses import dataclass, field
 
 import torch
 
+from ..engine.executor import StageCancelled
 from .graphs import PatchGraphs
-from .patches import KVCache, PatchDone, PatchSpec, PatchUnsupported, cut, join, patch_ranges, take
+from .token_patches import KVCache, PatchDone, PatchSpec, PatchUnsupported, cut, join, patch_ranges, take
 
 
 @dataclass(frozen=True)
@@ -72,7 +73,7 @@ class Family:
     #                                   run by the first stage, identity elsewhere
     modulation: tuple[str, ...] = ()  # submodule names acting on one vector per item (left out of costs)
     note: str = ""
-    patches: PatchSpec | None = None  # patch pipelining (patches.py); None: refused
+    patches: PatchSpec | None = None  # patch pipelining (token_patches.py); None: refused
     entry: str = ""  # the diffusion model's method a stage calls ("": the module, i.e. its forward).
     #                  "_forward" where forward() does work outside the DIFFUSION_MODEL wrappers that
     #                  the last rank's PipelineProxy already does once per pass (MiniMax H3: the audio
@@ -87,10 +88,6 @@ class StageBoundary(BaseException):
     def __init__(self, state: dict):
         super().__init__("stage boundary")
         self.state = state
-
-
-class StageCancelled(BaseException):
-    """Raised between blocks when the job was cancelled."""
 
 
 class StagingError(RuntimeError):

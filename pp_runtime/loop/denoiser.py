@@ -9,11 +9,11 @@ from __future__ import annotations
 
 import torch
 
-from .comm import AsyncLatents, PipelineStopped
-from .context import PPContext
-from .mixin import PipelineParallelMixin
-from .sampling import make_scheduler
-from .timeline import Timeline
+from ..engine.comm import AsyncLatents, PipelineStopped
+from ..engine.context import PPContext
+from ..engine.mixin import PipelineParallelMixin
+from .schedulers import make_scheduler
+from ..engine.timeline import Timeline
 
 
 class PPDenoiser(PipelineParallelMixin):

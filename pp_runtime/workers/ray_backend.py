@@ -3,7 +3,7 @@
 Ray does placement and lifecycle, torch.distributed the data plane; nothing here manages
 machines.  ``RayWorkerGroup`` is a ``WorkerGroup`` whose backend hooks launch, watch and
 tear down Ray actors; the job loop, streaming, interrupt, status and failure handling are
-``WorkerGroup``'s own, and every actor runs the ordinary ``pp_runtime.worker.Worker`` loop
+``WorkerGroup``'s own, and every actor runs the ordinary ``worker.Worker`` loop
 (``ray_actor.py``).
 
 * Connect: ``ray_address`` 'auto' (the cluster this machine is a node of), 'ray://host:10001'
@@ -47,9 +47,9 @@ import re
 import threading
 import time
 
-from .. import wire
-from ..environment import ENV_FLAGS, comfy_flags
-from ..group import PACKAGE_PARENT, WorkerGroup, log
+from . import wire
+from .environment import ENV_FLAGS, comfy_flags
+from .group import PACKAGE_PARENT, WorkerGroup, log
 
 RAY_INSTALL_HINT = 'backend \'ray\' needs Ray: pip install "ray[default]>=2.9"'
 PLACEMENTS = ("pack", "spread", "strict_pack", "strict_spread")

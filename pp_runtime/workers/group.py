@@ -4,11 +4,11 @@
 the workers run: the job loop, message dispatch, streaming, interrupt, status and
 failure handling.  A backend changes only how workers are launched, watched and torn
 down (``_launch``, ``_check_alive``, ``_first_dead``, ``_cause``, ``_kill``,
-``_wait_exit``, ``alive``, ``pids``); the Ray backend (``backends/ray_backend.py``) is a
-subclass.  Workers of every backend run the same ``pp_runtime.worker.Worker`` loop over a
+``_wait_exit``, ``alive``, ``pids``); the Ray backend (``ray_backend.py``) is a
+subclass.  Workers of every backend run the same ``worker.Worker`` loop over a
 transport with ``send_bytes``/``recv_bytes``.
 
-One worker process per device, started as ``python -m pp_runtime.worker`` with an
+One worker process per device, started as ``python -m pp_runtime.workers.worker`` with an
 explicit environment.  Control runs over a loopback listener authenticated with a random
 key per group (given to each worker on its stdin, never on the command line);
 torch.distributed meets through a file in a private folder, so nothing listens on a
@@ -21,7 +21,6 @@ group stays usable.
 """
 from __future__ import annotations
 
-import atexit
 import itertools
 import json
 import logging
@@ -43,11 +42,13 @@ import torch
 from . import wire
 from .environment import ENV_FLAGS, check_platform, comfy_flags, loopback_interface, visible_device
 from .health import Watchdog
-from .topology import Topology
+from ..engine.topology import Topology
+
 
 log = logging.getLogger("pp_runtime")
 
-PACKAGE_PARENT = str(Path(__file__).resolve().parent.parent)
+
+PACKAGE_PARENT = str(Path(__file__).resolve().parents[2])
 
 
 class WorkerError(RuntimeError):
@@ -190,7 +191,7 @@ class WorkerGroup:
                 device_arg = "cpu" if dev == "cpu" else "cuda:0"  # each worker sees one GPU
                 with open(log, "wb") as out:  # the child keeps its own descriptor
                     proc = subprocess.Popen(
-                        [sys.executable, "-m", "pp_runtime.worker", "--rank", str(rank), "--world", str(self.world),
+                        [sys.executable, "-m", "pp_runtime.workers.worker", "--rank", str(rank), "--world", str(self.world),
                          "--control-port", str(port), "--store", str(store), "--device", device_arg],
                         stdin=subprocess.PIPE, stdout=out, stderr=subprocess.STDOUT,
                         env=worker_env(dev, self.world, self.extra_paths, self.cpu_threads),
@@ -506,7 +507,8 @@ class WorkerGroup:
             self.held = [ranks[r].get("held") or {} for r in range(self.world)]
         self.last_run = {"ranks": [ranks[r] for r in range(self.world)], "spans": spans, "host_phases": host,
                          "layout": job.get("layout"), "split": job.get("split"), "family": job.get("family"),
-                         "model": job.get("model"), "finished": time.time()}
+                         "model": job.get("model"), "split_inputs": job.get("split_inputs"),
+                         "finished": time.time()}
         if raised is not None:
             raise raised
         return {"latents": result, "interrupted": any(r["interrupted"] for r in ranks.values()),
@@ -536,36 +538,9 @@ class WorkerGroup:
         pid = job.get("patches_id")
         if not pid or len(self.held) != self.world:
             return False
-        from .jobs import placement_key
+        from .placement import placement_key
         key = placement_key(job)
         return all(h.get(key) == pid for h in self.held)
-
-
-# -- groups shared across prompts and nodes ---------------------------------------------
-_SHARED: dict[tuple, WorkerGroup] = {}
-
-
-def shared_group(devices, extra_paths=(), backend: str = "local", ray_address: str = "") -> WorkerGroup:
-    """The one group for these devices on this backend (started on first use, kept across
-    prompts).  ``backend='ray'``: actors on the Ray cluster at ``ray_address`` (needs Ray)."""
-    backend = (backend or "local").strip().lower()
-    if backend == "local":
-        key = ("local", tuple(parse_devices(devices)))
-        make = lambda: WorkerGroup(list(key[1]), extra_paths=extra_paths)  # noqa: E731
-    elif backend == "ray":
-        from .backends.ray_backend import RayWorkerGroup, normalize_address, parse_ray_devices
-        key = ("ray", normalize_address(ray_address), parse_ray_devices(devices))
-        make = lambda: RayWorkerGroup(devices, ray_address=ray_address, extra_paths=extra_paths)  # noqa: E731
-    else:
-        raise ValueError(f"backend '{backend}' is unknown; use 'local' or 'ray'")
-    group = _SHARED.get(key)
-    if group is None or group.state == "stopped":
-        group = _SHARED[key] = make()
-    return group
-
-
-def shared_groups() -> list[WorkerGroup]:
-    return list(_SHARED.values())
 
 
 def _stamp(t):
@@ -577,17 +552,6 @@ def _stamp(t):
     except RuntimeError:
         return ("sum", torch.sum(t.detach(), dtype=torch.float64).item() if t.is_floating_point()
                 else int(t.detach().to(torch.int64).sum()))
-
-
-def shutdown_all() -> None:
-    for g in _SHARED.values():
-        try:
-            g.shutdown()
-        except Exception:  # at exit a backend's runtime (Ray) may already be gone
-            pass
-
-
-atexit.register(shutdown_all)
 
 
 def _latents(tensors: dict):

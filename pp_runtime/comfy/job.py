@@ -7,14 +7,62 @@ model's blocks.
 """
 from __future__ import annotations
 
-import torch
+from typing import TypedDict
 
-from . import comfy_bridge as cb
+from . import carry
+from . import export
+from . import loading
 from .families import family_for
-from .patches import describe_support
-from .jobs import JobError, choose_layout
-from .split import split_blocks
-from .topology import Topology
+from .token_patches import describe_support
+from ..engine.layout import JobError, choose_layout
+from ..engine.split import split_blocks
+
+
+# -- the schema: what the nodes choose, and the job the workers read ---------------------------
+class GroupChoice(TypedDict):  # PP_GROUP (PP Worker Group)
+    devices: list | str
+    backend: str  # "local" | "ray"
+    ray_address: str
+    residency: str  # "keep" | "park" | "release"
+    memory_cap_gb: str
+
+
+class SplitChoice(TypedDict):  # PP_SPLIT (PP Stage Split)
+    strategy: str  # engine.split.STRATEGIES
+    manual: str
+
+
+class CfgChoice(TypedDict):  # PP_CFG (PP CFG Mode)
+    mode: str  # engine.layout.CFG_MODES
+
+
+class PatchChoice(TypedDict):  # PP_PATCHES (PP Patch Pipelining)
+    patches: int  # 0: automatic
+    warmup_steps: int
+
+
+class ComfyJob(TypedDict):
+    """A PP KSampler job, as the workers read it (JSON; its tensors travel beside it)."""
+    kind: str  # "comfy_sample"
+    model: dict  # weights_source: file, dtypes, stamp (and the config to build)
+    split: list  # blocks per stage
+    layout: dict  # {"cfg": c, "pp": p}: the topology's degrees
+    split_inputs: dict  # strategy, capacities, reserve the split was computed from
+    micro_batch_size: int
+    batched_cfg: bool
+    sampling: dict  # seed, steps, cfg, sampler_name, scheduler, denoise, ... (the stock KSampler's)
+    carry: dict  # carry.model_carry: options, transformer options, model sampling, model patches
+    conditioning: dict  # {"positive": ..., "negative": ...}: carry.pack_conditioning
+    latent: dict  # batch_index
+    family: str
+    tensors_to: str  # which ranks get the job's tensors: "last" (the sampler's)
+    reuse_prefixes: list  # tensors a worker keeps for the next job (unchanged conditioning)
+    patch_pipelining: dict | None  # plan_patch_pipelining; None: exact
+    patches: dict  # carry.pack_weight_patches (JSON; tensors per stage)
+    patches_id: str
+    residency: str
+    memory_caps: list  # bytes per rank (0: none)
+    stream_x0: bool  # send each step's x0 (previews)
 
 
 def weights_source(model, free_host_copy: bool = False, export_dir: str | None = None) -> dict:
@@ -25,7 +73,7 @@ def weights_source(model, free_host_copy: bool = False, export_dir: str | None =
     ``comfy.sd.load_diffusion_model(path, options)``): the workers read that file with the
     stock loader's key handling, and only the MODEL's patches cross.  Any other MODEL
     (merged or changed in memory, or an older ComfyUI's) is exported once
-    (``comfy_bridge.export_weights``).
+    (``export.export_weights``).
 
     ``free_host_copy``: once a stock-loader MODEL has been handed over, drop its weights from
     the ComfyUI process (they go to the meta device; the MODEL then works only with PP
@@ -34,18 +82,18 @@ def weights_source(model, free_host_copy: bool = False, export_dir: str | None =
     src = getattr(base, "pp_source", None)
     try:
         if src is not None:  # PP Load Diffusion Model, or a MODEL whose host copy was freed
-            cb.check_stamp(src)
+            loading.check_stamp(src)
             return dict(src)
-        path = cb.loaded_from_file(model)
+        path = export.loaded_from_file(model)
         if path is None:
-            path = cb.export_weights(base, export_dir)
-    except cb.CarryError as e:
+            path = export.export_weights(base, export_dir)
+    except carry.CarryError as e:
         raise JobError(str(e)) from e
-    src = {"path": path, "dtype": cb.dtype_name(base.get_dtype()),
-           "manual_cast": cb.dtype_name(base.manual_cast_dtype), "config": cb.pack_config(base.model_config),
-           "stamp": cb.file_stamp(path)}
+    src = {"path": path, "dtype": loading.dtype_name(base.get_dtype()),
+           "manual_cast": loading.dtype_name(base.manual_cast_dtype), "config": loading.pack_config(base.model_config),
+           "stamp": loading.file_stamp(path)}
     if free_host_copy:
-        cb.unload_from_comfy(base)
+        export.unload_from_comfy(base)
         base.diffusion_model.to("meta")
         base.pp_source = src
     return src
@@ -118,38 +166,41 @@ def plan_patch_pipelining(settings: dict | None, diffusion_model, pp: int) -> di
     return {"count": count, "warmup": warmup}
 
 
+def stage_capacities(topo, device_memory: list[int]) -> list[int]:
+    """Bytes each pipeline stage may use: the smallest of its devices (one per CFG pipeline)."""
+    return [min(device_memory[r] for r in range(topo.world_size) if topo.coords_of(r)["pp"] == s)
+            for s in range(topo.pp_size)]
+
+
 def prepare_comfy_job(world: int, model, positive, negative, latent: dict, *, seed: int, steps: int, cfg: float,
                       sampler_name: str, scheduler: str, denoise: float = 1.0, split: dict | None = None,
                       cfg_mode: dict | None = None, disable_noise: bool = False, start_step=None, last_step=None,
                       force_full_denoise: bool = False, micro_batch_size: int = 1,
                       free_host_copy: bool = False, export_dir: str | None = None,
                       device_memory: list[int] | None = None, devices: list[str] | None = None,
-                      patch_pipelining: dict | None = None):
-    """-> (job, tensors for every rank, rank_tensors(rank): the tensors only that rank needs)."""
+                      patch_pipelining: PatchChoice | None = None, residency: str = "keep",
+                      memory_caps: list[int] | None = None, stream_x0: bool = True):
+    """-> (``ComfyJob``, tensors for every rank, rank_tensors(rank): the tensors only that rank needs)."""
     split = split or {"strategy": "balanced", "manual": ""}
-    cfg_mode = cfg_mode or {"mode": "auto", "cfg_normalize": False}
+    cfg_mode = cfg_mode or {"mode": "auto"}
     mode = cfg_mode["mode"]
     try:
-        profile = cb.model_profile(model.model.diffusion_model)
-        carry, tensors = cb.model_carry(model)
-        pos_meta, pos_t = cb.pack_conditioning("positive", positive)
-        neg_meta, neg_t = cb.pack_conditioning("negative", negative)
-    except cb.CarryError as e:
+        profile = loading.model_profile(model.model.diffusion_model)
+        carried, tensors = carry.model_carry(model)
+        pos_meta, pos_t = carry.pack_conditioning("positive", positive)
+        neg_meta, neg_t = carry.pack_conditioning("negative", negative)
+    except carry.CarryError as e:
         raise JobError(str(e)) from e
-    if cfg_mode.get("cfg_normalize"):
-        raise JobError("cfg_normalize is a diffusers-loop option; PP KSampler combines CFG with ComfyUI's own "
-                       "function: turn cfg_normalize off")
     samples = check_latent(model, latent)
     if mode == "off":
         cfg = 1.0  # one branch: ComfyUI itself skips the uncond pass at cfg 1
     do_cfg = cfg != 1.0
-    layout = choose_layout(world, mode, do_cfg)
+    topo = choose_layout(world, mode, do_cfg)
+    layout = dict(topo.degrees)
     capacities = reserve = None
     if device_memory is not None and split["strategy"] == "by_memory":
         # per pipeline stage: the smallest of its devices (one per CFG pipeline)
-        topo = Topology.build(world, pp=layout["pp"], cfg=layout["cfg"])
-        capacities = [min(device_memory[r] for r in range(world) if topo.coords_of(r)["pp"] == s)
-                      for s in range(layout["pp"])]
+        capacities = stage_capacities(topo, device_memory)
         rows = micro_batch_size if mode != "batched" else 2 * micro_batch_size
         reserve = int(model.model.memory_required([rows] + list(samples.shape[1:])))  # ComfyUI's own estimate
     try:
@@ -159,22 +210,23 @@ def prepare_comfy_job(world: int, model, positive, negative, latent: dict, *, se
                           capacities=capacities, reserve=reserve or 0, devices=devices, manual=split.get("manual"))
     except ValueError as e:
         raise JobError(f"{e} ({profile['family']} has {profile['num_blocks']} blocks)") from e
-    prefixes = cb.stage_prefixes(model.model.diffusion_model, sp.ranges)
+    prefixes = loading.stage_prefixes(model.model.diffusion_model, sp.ranges)
     try:
-        patches, stage_tensors = cb.pack_weight_patches(model, prefixes)
-    except cb.CarryError as e:
+        patches, stage_tensors = carry.pack_weight_patches(model, prefixes)
+    except carry.CarryError as e:
         raise JobError(str(e)) from e
-    topo = Topology.build(world, pp=layout["pp"], cfg=layout["cfg"])
     pipelining = plan_patch_pipelining(patch_pipelining, model.model.diffusion_model, layout["pp"])
-    job = {
+    job = ComfyJob(**{
         "kind": "comfy_sample",
         "model": weights_source(model, free_host_copy, export_dir),
         "split": list(sp.counts), "layout": layout,
+        # what the split was computed from (the panel's preview shows the same split)
+        "split_inputs": {"strategy": split["strategy"], "capacities": capacities, "reserve": reserve or 0},
         "micro_batch_size": int(micro_batch_size), "batched_cfg": mode == "batched",
         "sampling": {"seed": int(seed), "steps": int(steps), "cfg": float(cfg), "sampler_name": sampler_name,
                      "scheduler": scheduler, "denoise": float(denoise), "disable_noise": bool(disable_noise),
                      "start_step": start_step, "last_step": last_step, "force_full_denoise": bool(force_full_denoise)},
-        "carry": carry,
+        "carry": carried,
         "conditioning": {"positive": pos_meta, "negative": neg_meta},
         "latent": {"batch_index": latent.get("batch_index")},
         "family": profile["family"],
@@ -184,12 +236,13 @@ def prepare_comfy_job(world: int, model, positive, negative, latent: dict, *, se
         # whether the patches it applied last time are still the right ones.
         "patch_pipelining": pipelining,  # approximate, opt-in; None: exact
         "patches": patches, "patches_id": f"{getattr(model, 'patches_uuid', '')}" if patches else "",
-    }
+        "residency": residency, "memory_caps": list(memory_caps or [0] * world), "stream_x0": bool(stream_x0),
+    })
     tensors.update(pos_t)
     tensors.update(neg_t)
-    tensors.update(cb.latent_parts("latent.samples", samples))
+    tensors.update(carry.latent_parts("latent.samples", samples))
     if latent.get("noise_mask") is not None:
-        tensors.update(cb.latent_parts("latent.noise_mask", latent["noise_mask"]))
-    cb.json_roundtrip(job)
+        tensors.update(carry.latent_parts("latent.noise_mask", latent["noise_mask"]))
+    carry.json_roundtrip(job)
     return job, tensors, lambda rank: stage_tensors[topo.coords_of(rank)["pp"]]
 

@@ -1,7 +1,8 @@
 """vLLM-Omni's pipeline-parallel denoising semantics.
 
-All ranks run the whole denoising loop.  Per step, micro-batches (CFG branches, batch
-chunks) flow rank 0 -> ... -> last as tensor dicts; the last rank owns the output head,
+All ranks run the whole denoising loop.  Per step, one pass of the executor
+(``executor.py``, the one every rank runs for ComfyUI's sampler too): its units (CFG
+branches, batch chunks, from ``plan.plan_pass``) flow rank 0 -> ... -> last as tensor dicts; the last rank owns the output head,
 combines CFG and steps the scheduler, then sends the new latents back to rank 0, which
 gets them as ``AsyncLatents`` and waits only when it first uses them.  Middle ranks
 never hold latents.  With a CFG group of 2, each pipeline runs one branch and the last
@@ -18,17 +19,18 @@ from __future__ import annotations
 import inspect
 
 import torch
-import torch.distributed as dist
 
 from .comm import AsyncLatents, PipelineStopped
-from .plan import StepPlan, make_plan
+from .executor import Executor
+from .plan import PassPlan, plan_pass
 from .timeline import Timeline
 
 
 class CFGParallelMixin:
-    """Which CFG branches this pipeline runs, the gather across the CFG group, the combine."""
+    """Which CFG branches a pass has, the CFG combine."""
 
     def cfg_branches(self, do_true_cfg: bool) -> tuple[str, ...]:
+        """The branches this pipeline computes (with a CFG group, one each)."""
         topo = self.pp.topo
         if not do_true_cfg:
             return ("cond",)
@@ -37,13 +39,6 @@ class CFGParallelMixin:
         if topo.cfg_size == 2:
             return (("cond", "uncond")[topo.cfg_rank],)
         raise ValueError(f"a CFG group of {topo.cfg_size} is not supported; use 1 or 2")
-
-    def gather_cfg_branches(self, local: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Last ranks of a CFG-parallel layout: (cond, uncond) everywhere, identical."""
-        self.pp.p2p.flush()  # no P2P in flight across a collective
-        parts = [torch.empty_like(local) for _ in range(self.pp.topo.cfg_size)]
-        dist.all_gather(parts, local.contiguous(), group=self.pp.cfg_group)
-        return parts[0], parts[1]
 
     @staticmethod
     def combine_cfg_noise(cond: torch.Tensor, uncond: torch.Tensor, true_cfg_scale: float,
@@ -56,12 +51,27 @@ class CFGParallelMixin:
 
 
 class PipelineParallelMixin(CFGParallelMixin):
+    """The seed's API over the executor: each call of ``predict_noise_maybe_with_cfg`` is one
+    pass whose rows are the batch items of the cond branch, then of the uncond branch."""
     micro_batch_size: int = 1
     batched_cfg: bool = False
 
-    def step_plan(self, do_true_cfg: bool, batch: int) -> StepPlan:
-        return make_plan(self.pp.topo.pp_size, batch, self.cfg_branches(do_true_cfg),
-                         self.micro_batch_size, self.batched_cfg and do_true_cfg and self.pp.topo.cfg_size == 1)
+    def pass_plan(self, do_true_cfg: bool, batch: int) -> PassPlan:
+        """The plan every rank derives alike: rows 0..B-1 cond, B..2B-1 uncond; sequential CFG
+        runs each branch's chunks as micro-batches (cond first), batched CFG a chunk's cond and
+        uncond items as one, CFG-parallel a branch per pipeline."""
+        if batch < 1 or self.micro_batch_size < 1:
+            raise ValueError(f"batch ({batch}) and micro_batch_size ({self.micro_batch_size}) must be >= 1")
+        topo, size = self.pp.topo, self.micro_batch_size
+        branches = 2 if do_true_cfg else 1
+        branch = [b for b in range(branches) for _ in range(batch)]
+        order, per = None, size
+        if self.batched_cfg and do_true_cfg and topo.cfg_size == 1:
+            order = [b * batch + i for a in range(0, batch, size) for b in range(2)
+                     for i in range(a, min(a + size, batch))]
+            per = 2 * size
+        # Without CFG in a CFG group, pipeline 0 computes the rows and the others get them gathered.
+        return plan_pass(branch, stages=topo.pp_size, pipelines=topo.cfg_size, micro_batch_size=per, order=order)
 
     # -- forward through the pipeline -----------------------------------------------
     def _timeline(self) -> Timeline:
@@ -70,85 +80,61 @@ class PipelineParallelMixin(CFGParallelMixin):
             tl = self.timeline = Timeline(self.pp.device, self.pp.topo.rank)
         return tl
 
-    def _stage_forward(self, state_or_inputs: dict, label: str):
+    def _executor(self) -> Executor:
+        ex = getattr(self, "_pp_executor", None)
+        if ex is None or ex.timeline is not self._timeline():
+            ex = self._pp_executor = Executor(self.pp, self._timeline(), self._stage_forward, last_listens=False)
+        return ex
+
+    def _stage_forward(self, unit, state):
         topo, model = self.pp.topo, self.transformer
         start, end = self.stage_range
-        with self._timeline().span("compute", label):
-            state = model.embed(**state_or_inputs) if topo.is_first else state_or_inputs
-            state = model.run_blocks(start, end, state)
-            return model.head(state) if topo.is_last else state
+        state = model.embed(**self._inputs_for(unit)) if topo.is_first else state
+        state = model.run_blocks(start, end, state)
+        return model.head(state) if topo.is_last else state
 
-    def run_plan(self, plan: StepPlan, inputs_for) -> dict[int, torch.Tensor] | None:
-        """Push every micro-batch of ``plan`` through this rank's stage.
-
-        ``inputs_for(mb)`` gives the model inputs of a micro-batch (rank 0 only).
-        Returns {micro-batch index: output} on the last rank, None elsewhere.  The receive
-        of the next micro-batch is posted before this one is computed.
-        """
-        topo, p2p = self.pp.topo, self.pp.p2p
-        outputs = {}
-        mbs = plan.micro_batches
-        ahead = p2p.irecv_tensor_dict(topo.prev_rank) if not topo.is_first and mbs else None
+    def run_pass(self, plan: PassPlan, inputs_for):
+        """One pass on this rank (``inputs_for(unit)``: the model inputs of a unit, rank 0);
+        the whole pass's output on last ranks, None elsewhere."""
+        self._inputs_for = inputs_for
+        ex = self._executor()
         try:
-            for i, mb in enumerate(mbs):
-                if topo.is_first:
-                    x = inputs_for(mb)
-                else:
-                    with self._timeline().span("wait", mb.label):
-                        x = ahead.wait()
-                    ahead = p2p.irecv_tensor_dict(topo.prev_rank) if i + 1 < len(mbs) else None
-                out = self._stage_forward(x, mb.label)
-                if topo.is_last:
-                    outputs[mb.index] = out
-                else:
-                    p2p.isend_tensor_dict(out, topo.next_rank)
-        except PipelineStopped:
-            self._forward_stop()
-            raise
-        return outputs if topo.is_last else None
-
-    def _forward_stop(self) -> None:
-        """Pass a STOP on down the pipeline, up to (not including) the last rank that sent it."""
-        topo = self.pp.topo
-        if topo.next_rank is not None and topo.next_rank != topo.last_rank:
-            self.pp.p2p.isend_stop(topo.next_rank)
-        if self.pp.p2p is not None:
+            out, stopped = ex.run(plan)
+        except PipelineStopped:  # rank 0: the latents it waited for were a STOP
+            ex._stop_next()
+            stopped = True
+        if stopped:
             self.pp.p2p.flush()
+            raise PipelineStopped("the last rank ended the run")
+        return ex.collect(plan, out) if self.pp.topo.is_last else None
 
     # -- the seed's two entry points -------------------------------------------------
     def predict_noise_maybe_with_cfg(self, do_true_cfg, true_cfg_scale, positive_kwargs, negative_kwargs,
                                      cfg_normalize=True, output_slice=None):
         """Noise prediction on last ranks (None elsewhere), CFG combined if ``do_true_cfg``."""
-        topo = self.pp.topo
         batch = getattr(self, "batch_size", None) or self._batch_size(positive_kwargs)
-        plan = self.step_plan(do_true_cfg, batch)
-        kwargs = {"cond": positive_kwargs, "uncond": negative_kwargs}
+        plan = self.pass_plan(do_true_cfg, batch)
+        kwargs = (positive_kwargs, negative_kwargs)
 
-        def inputs_for(mb):
-            parts = [_slice_batch(kwargs[b], mb.items, batch) for b in mb.branches]
+        def inputs_for(unit):
+            parts, rows = [], list(unit.rows)
+            while rows:  # runs of consecutive items of one branch
+                b, a = divmod(rows[0], batch)
+                n = 1
+                while n < len(rows) and rows[n] == rows[0] + n and rows[n] // batch == b:
+                    n += 1
+                parts.append(_slice_batch(kwargs[b], (a, a + n), batch))
+                rows = rows[n:]
             return parts[0] if len(parts) == 1 else _concat_batch(parts)
 
-        if topo.pp_size == 1:  # same plan, no communication
-            outputs = {mb.index: self._stage_forward(inputs_for(mb), mb.label) for mb in plan.micro_batches}
-        else:
-            outputs = self.run_plan(plan, inputs_for)
-        if not topo.is_last:
+        full = self.run_pass(plan, inputs_for)
+        if full is None:
             return None
-
-        per_branch = {}
-        for mb in plan.micro_batches:
-            out = outputs[mb.index]
-            chunks = out.chunk(len(mb.branches)) if len(mb.branches) > 1 else (out,)
-            for b, c in zip(mb.branches, chunks):
-                per_branch.setdefault(b, []).append(c[:, :output_slice] if output_slice is not None else c)
-        preds = {b: torch.cat(v) for b, v in per_branch.items()}
+        if output_slice is not None:
+            full = full[:, :output_slice]
         if not do_true_cfg:
-            return preds["cond"]
-        if topo.cfg_size > 1:
-            cond, uncond = self.gather_cfg_branches(preds[self.cfg_branches(True)[0]])
-        else:
-            cond, uncond = preds["cond"], preds["uncond"]
-        return self.combine_cfg_noise(cond, uncond, true_cfg_scale, cfg_normalize)
+            return full
+        return self.combine_cfg_noise(full[:batch], full[batch:], true_cfg_scale, cfg_normalize)
 
     def scheduler_step_maybe_with_cfg(self, noise_pred, t, latents, do_true_cfg,
                                       per_request_scheduler=None, generator=None):
@@ -158,7 +144,7 @@ class PipelineParallelMixin(CFGParallelMixin):
         if topo.is_last:
             extra = {"generator": generator} if "generator" in inspect.signature(scheduler.step).parameters else {}
             latents = scheduler.step(noise_pred, t, latents, return_dict=False, **extra)[0]
-            stop = self._stop_agreed()
+            stop = self._executor().agree_stop(bool(getattr(self, "should_stop", lambda: False)()))
             if topo.pp_size > 1:
                 if stop:
                     self.pp.p2p.isend_stop(topo.first_rank)
@@ -170,15 +156,6 @@ class PipelineParallelMixin(CFGParallelMixin):
         if topo.is_first:
             return AsyncLatents(self.pp.p2p.irecv_tensor_dict(topo.last_rank))
         return None
-
-    def _stop_agreed(self) -> bool:
-        """Last ranks: stop now?  Both pipelines of a CFG group decide alike."""
-        stop = bool(getattr(self, "should_stop", lambda: False)())
-        if self.pp.topo.cfg_size > 1:
-            flag = torch.tensor([1 if stop else 0])
-            dist.all_reduce(flag, op=dist.ReduceOp.MAX, group=self.pp.cfg_cpu_group)
-            stop = bool(flag.item())
-        return stop
 
     def _batch_size(self, kwargs: dict) -> int:
         for v in kwargs.values():

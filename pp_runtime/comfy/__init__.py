@@ -1,0 +1,1 @@
+"""ComfyUI-facing: ComfyUI's own model code and sampler, staged over the pipeline engine."""
