@@ -149,7 +149,13 @@ def test_previews_with_every_preview_method(srv, family):
     for method in ("none", "auto", "latent2rgb", "taesd"):
         g = graph(srv, case, f"preview_{method}", "pp2", zoo.num_blocks(case))
         g["4"]["inputs"]["steps"] = 3
-        srv.post("/free", {"free_memory": True})  # no cached sampler output: every prompt samples
+        # No cached sampler output: every prompt samples.  ComfyUI acts on /free after the prompt
+        # its worker takes next, so a cheap prompt goes first: the free happens before ours.
+        srv.post("/free", {"free_memory": True})
+        flush = {"1": {"class_type": "EmptyLatentImage", "inputs": {"width": 64, "height": 64, "batch_size": 1}},
+                 "2": {"class_type": "SaveLatent", "inputs": {"samples": ["1", 0], "filename_prefix": "latents/flush"}}}
+        flushed = srv.run(flush, timeout=60)
+        assert flushed.status == "success", flushed.describe()
         res = srv.run(g, timeout=180, extra_data={"preview_method": method})
         assert res.status == "success", res.describe()
         frames[method] = [p.image for p in res.previews_of("4")]
