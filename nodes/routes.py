@@ -154,10 +154,10 @@ def split_json(strategy: str, manual: str = "", unet_name: str | None = None, de
                 (last.get("model") or {}).get("path") == path and len(inputs["capacities"]) == pp:
             capacities, reserve = inputs["capacities"], inputs.get("reserve") or 0
             notes.append("device memory and activation reserve of the last prompt")
-        elif g is not None and g.world == pp * cfg and g.device_memory() is not None:
+        elif g is not None and g.world == pp * cfg and (memory := g.device_memory()) is not None:
             from ..pp_runtime.comfy.job import stage_capacities
             from ..pp_runtime.engine.topology import Topology
-            capacities = stage_capacities(Topology.build(g.world, pp=pp, cfg=cfg), g.device_memory())
+            capacities = stage_capacities(Topology.build(g.world, pp=pp, cfg=cfg), memory)
             notes.append("the group's free device memory; a prompt also reserves its activations")
     try:
         sp = split_blocks(strategy, profile["num_blocks"], pp, costs=profile["costs"],

@@ -231,10 +231,12 @@ def pack_config(model_config) -> dict | None:
     if getattr(sm, name, None) is not type(model_config):
         return None
 
-    try:  # the one encoding; a config holds no tensors
-        return {"class": name, "unet_config": tree.pack(model_config.unet_config, "config", {}, "the model config")}
+    tensors: dict = {}
+    try:  # the one encoding (a config of plain values: one with tensors is not carried)
+        packed = tree.pack(model_config.unet_config, "config", tensors, "the model config")
     except tree.TreeError:
         return None
+    return None if tensors else {"class": name, "unet_config": packed}
 
 
 def unpack_config(spec: dict):

@@ -19,7 +19,7 @@ and unit) behind the M·S/(M+S−1) bound and the web panel.
 """
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 
 BRANCH_NAMES = {0: "cond", 1: "uncond"}
 # Patch modes of a pass: exact (no token patches), exact filling the patch caches for the
@@ -128,9 +128,6 @@ class PassPlan:
     def from_data(cls, data: dict) -> "PassPlan":
         units = tuple(Unit(i, c, m, tuple(r), tuple(b), p, n) for i, c, m, r, b, p, n in data["units"])
         return cls(int(data["stages"]), int(data["pipelines"]), int(data["rows"]), units)
-
-    def as_dict(self) -> dict:
-        return asdict(self)
 
 
 def plan_pass(branch: list[int] | tuple[int, ...], *, stages: int, pipelines: int = 1,

@@ -44,35 +44,29 @@ def _leaf(leaf, j_of, what: str) -> dict:
 TYPED = "__type__"  # a typed node: {TYPED: name, "value": its plain value}
 
 
+def _is_leaf(x) -> bool:
+    return isinstance(x, torch.Size)
+
+
 def _encode(value, encode):
-    if isinstance(value, dict):
-        return type(value)((k, _encode(v, encode)) for k, v in value.items()) if type(value) is not dict \
-            else {k: _encode(v, encode) for k, v in value.items()}
-    if isinstance(value, (list, tuple)) and not isinstance(value, torch.Size):
-        items = [_encode(v, encode) for v in value]
-        return type(value)(*items) if hasattr(value, "_fields") else type(value)(items)
-    typed = encode(value) if encode is not None and not torch.is_tensor(value) else None
-    if typed is not None:
-        name, plain = typed
-        return {TYPED: name, "value": _encode(plain, encode)}
-    return value
+    """Typed objects (pytree leaves to torch: their classes are not registered) -> typed nodes."""
+    def one(x):
+        typed = encode(x) if not torch.is_tensor(x) else None
+        return x if typed is None else {TYPED: typed[0], "value": _encode(typed[1], encode)}
+    return pytree.tree_map(one, value, is_leaf=_is_leaf)
 
 
 def _decode(value, decode):
-    if isinstance(value, dict):
-        if TYPED in value and decode is not None:
-            return decode(value[TYPED], _decode(value["value"], decode))
-        return type(value)((k, _decode(v, decode)) for k, v in value.items())
-    if isinstance(value, (list, tuple)) and not isinstance(value, torch.Size):
-        items = [_decode(v, decode) for v in value]
-        return type(value)(*items) if hasattr(value, "_fields") else type(value)(items)
-    return value
+    def typed(x):
+        return isinstance(x, dict) and TYPED in x
+    return pytree.tree_map(lambda x: decode(x[TYPED], _decode(x["value"], decode)) if typed(x) else x, value,
+                           is_leaf=lambda x: typed(x) or _is_leaf(x))
 
 
 def _where(value, leaf) -> str:
     """Where ``leaf`` is in ``value`` (e.g. ``[0]['processor']``), for an error message."""
     try:
-        for path, x in pytree.tree_flatten_with_path(value, is_leaf=lambda x: isinstance(x, torch.Size))[0]:
+        for path, x in pytree.tree_flatten_with_path(value, is_leaf=_is_leaf)[0]:
             if x is leaf:
                 return pytree.keystr(path)
     except Exception:
@@ -83,8 +77,9 @@ def _where(value, leaf) -> str:
 def pack(value, prefix: str, tensors: dict, what: str = "a value", encode=None) -> dict:
     """``value`` as JSON-able data; its tensors go into ``tensors``.  ``encode(obj)``: (type
     name, plain value) for an object to carry as a typed node, else None."""
-    value = _encode(value, encode)
-    leaves, spec = pytree.tree_flatten(value, is_leaf=lambda x: isinstance(x, torch.Size))
+    if encode is not None:
+        value = _encode(value, encode)
+    leaves, spec = pytree.tree_flatten(value, is_leaf=_is_leaf)
     seen: dict[int, int] = {}
 
     def j_of(t):
@@ -117,7 +112,7 @@ def unpack(packed: dict, prefix: str, tensors: dict, decode=None):
             return getattr(torch, d["dtype"])
         return d["v"]
     value = pytree.tree_unflatten([leaf(d) for d in packed["leaves"]], pytree.treespec_loads(packed["spec"]))
-    return _decode(value, decode)
+    return _decode(value, decode) if decode is not None else value
 
 
 def to_message(value, what: str = "a value") -> dict[str, torch.Tensor]:
