@@ -49,8 +49,17 @@ def group_view(status: dict, *, parked: bool = False, model_file: str | None = N
         r["blocks"] = f"blocks {st[0]}–{st[1] - 1}" if st and st[1] > st[0] else None
         if parked:
             r["blocks"] = (r["blocks"] + " (released)") if r["blocks"] else None
-    out["layout_text"] = (f"PP{layout.get('pp', '?')} × CFG{layout.get('cfg', 1)}" if layout else None)
+    out["layout_text"] = layout_text(layout)
+    out["layout_reason"] = status.get("layout_reason")
     return out
+
+
+def layout_text(layout: dict) -> str | None:
+    """'PP2 × CFG1', and '× SP2' with sequence parallelism."""
+    if not layout:
+        return None
+    sp = int(layout.get("sp") or 1)
+    return f"PP{layout.get('pp', '?')} × CFG{layout.get('cfg', 1)}" + (f" × SP{sp}" if sp > 1 else "")
 
 
 def status_view(groups: list[dict]) -> dict:
@@ -86,12 +95,12 @@ def timeline_view(last_run: dict | None, max_steps: int = 3) -> dict:
     rank_info = []
     for i, d in enumerate(done):
         rank_info.append({"rank": i, "pp_rank": d.get("pp_rank", i), "cfg_rank": d.get("cfg_rank", 0),
-                          "stage": d.get("stage")})
+                          "sp_rank": d.get("sp_rank") or 0, "stage": d.get("stage")})
     pipelines: dict[int, list[int]] = {}
     for r in rank_info:
         pipelines.setdefault(r["cfg_rank"] or 0, []).append(r["rank"])
     for c in pipelines:
-        pipelines[c].sort(key=lambda rk: rank_info[rk]["pp_rank"] or 0)
+        pipelines[c].sort(key=lambda rk: (rank_info[rk]["pp_rank"] or 0, rank_info[rk]["sp_rank"]))
 
     spans = []
     for s in last_run["spans"]:
@@ -127,7 +136,8 @@ def timeline_view(last_run: dict | None, max_steps: int = 3) -> dict:
             first = by_step[st].get(rks[0], [])
             m = max(1, len(first))
             work = sum(s["t1"] - s["t0"] for r in rks for s in by_step[st].get(r, []))
-            ideals.append(work / ideal_speedup(m, len(rks)))
+            stages = len({rank_info[r]["pp_rank"] for r in rks})  # with SP: each stage's shards share its work
+            ideals.append(work / ideal_speedup(m, stages) / max(1, len(rks) // stages))
             m_used = m
         one = sum(s["t1"] - s["t0"] for lst in by_step[st].values() for s in lst)
         per_step.append({"step": st, "measured_ms": measured, "ideal_ms": max(ideals), "one_device_ms": one,
@@ -159,6 +169,8 @@ def timeline_view(last_run: dict | None, max_steps: int = 3) -> dict:
             e = s.get("entry") or {}
             if e.get("patch") is not None:  # patch pipelining: which patch of its micro-batch
                 bar["patch"] = e["patch"]
+            if e.get("shard") is not None:  # sequence parallelism: which shard of the tokens
+                bar["shard"] = e["shard"]
             if e.get("head"):
                 bar["head"] = True
         bars.append(bar)
@@ -169,7 +181,8 @@ def timeline_view(last_run: dict | None, max_steps: int = 3) -> dict:
         "step_starts": [{"step": st, "t": round(start[st] - w0, 3)} for st in shown],
         "bars": bars,
         "summary": {
-            "stages": pp_size, "cfg": int(layout.get("cfg") or 1), "micro_batches": m,
+            "stages": pp_size, "cfg": int(layout.get("cfg") or 1), "sp": int(layout.get("sp") or 1),
+            "micro_batches": m,
             "ideal_speedup": round(ideal_speedup(m, pp_size), 4),
             "measured_step_ms": round(measured, 3), "ideal_step_ms": round(ideal, 3),
             "one_device_ms": round(one, 3),

@@ -6,6 +6,7 @@ shared workflow JSON depends on them.
 """
 from __future__ import annotations
 
+import logging
 import os
 
 import comfy
@@ -17,11 +18,11 @@ import torch
 
 from ..pp_runtime.comfy import carry
 from ..pp_runtime.comfy import loading
-from ..pp_runtime.comfy.job import (CfgChoice, GroupChoice, PatchChoice, SplitChoice, prepare_comfy_job,
+from ..pp_runtime.comfy.job import (CfgChoice, GroupChoice, LayoutChoice, PatchChoice, SplitChoice, prepare_comfy_job,
                                     sampler_output)
 from ..pp_runtime.workers.group import WorkerError, parse_devices
 from ..pp_runtime.workers.registry import shared_group
-from ..pp_runtime.engine.layout import CFG_MODES, JobError
+from ..pp_runtime.engine.layout import CFG_MODES, EXCHANGES, JobError
 from ..pp_runtime.engine.split import STRATEGIES, SplitError, parse_manual
 
 CATEGORY = "sampling/pipeline_parallel"
@@ -164,6 +165,40 @@ class PPPatchPipelining:
         return (PatchChoice(patches=int(patches), warmup_steps=int(warmup_steps)),)
 
 
+class PPParallelLayout:
+    DESCRIPTION = ("How the worker group's GPUs share each step, exactly (the stock KSampler's result). "
+                   "sequence_parallel N cuts the image/video tokens of every step into N shards computed at the "
+                   "same time on N GPUs, which exchange keys/values inside each attention: faster at CFG 1, where "
+                   "pipeline stages only take turns; every GPU of a shard group holds its stage's weights. "
+                   "auto (0): the fastest layout that fits the GPUs' memory (cost model), said in the log and the "
+                   "panel. The CFG mode and the stage split apply within the layout.")
+    CATEGORY = CATEGORY
+    RETURN_TYPES = ("PP_LAYOUT",)
+    FUNCTION = "make"
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {"required": {
+            "sequence_parallel": ("INT", {"default": 0, "min": 0, "max": 8, "tooltip": "GPUs per sequence shard "
+                                  "group (1: off, 2, 4, 8: must divide the group's GPUs). 0: auto, from the GPU "
+                                  "count, their free memory, the model's size and the CFG."}),
+        }, "optional": {
+            "attention_exchange": (list(EXCHANGES), {"tooltip": "How the shards see each other inside attention "
+                                   "(both exact): all_gather_kv (every GPU gathers all keys/values; any head "
+                                   "count), ulysses (all-to-all heads <-> tokens: 2/N of the bytes on N GPUs; the "
+                                   "heads must divide by N), auto: ulysses from 4 shards where the heads divide."}),
+        }}
+
+    @classmethod
+    def VALIDATE_INPUTS(cls, sequence_parallel, attention_exchange="auto"):
+        if int(sequence_parallel) < 0:
+            return "sequence_parallel must be 0 (auto) or a shard count of 1 or more"
+        return True
+
+    def make(self, sequence_parallel, attention_exchange="auto"):
+        return (LayoutChoice(sequence_parallel=int(sequence_parallel), attention_exchange=attention_exchange),)
+
+
 class PPLoadDiffusionModel:
     DESCRIPTION = ("Load a diffusion model for PP KSampler without reading its weights here: each worker reads "
                    "only its own stage from the file.")
@@ -226,6 +261,8 @@ class PPKSampler:
         }, "optional": {
             "split": ("PP_SPLIT", {"tooltip": "Stage split (default: balanced)."}),
             "cfg_mode": ("PP_CFG", {"tooltip": "CFG layout (default: auto)."}),
+            "layout": ("PP_LAYOUT", {"tooltip": "Parallel layout (PP Parallel Layout: sequence parallelism, or "
+                       "auto). Not connected: pipeline stages and the CFG mode only."}),
             "patch_pipelining": ("PP_PATCHES", {"tooltip": "APPROXIMATE speed-up (PP Patch Pipelining): trades "
                                  "exactness for speed, also at CFG 1. Not connected: exact (the stock "
                                  "KSampler's result)."}),
@@ -235,10 +272,11 @@ class PPKSampler:
         }}
 
     def sample(self, model, group, positive, negative, latent_image, seed, steps, cfg, sampler_name, scheduler,
-               denoise, split=None, cfg_mode=None, free_host_weights=False, patch_pipelining=None):
+               denoise, split=None, cfg_mode=None, free_host_weights=False, patch_pipelining=None, layout=None):
         return pp_sample(model, group, positive, negative, latent_image, seed=seed, steps=steps, cfg=cfg,
                          sampler_name=sampler_name, scheduler=scheduler, denoise=denoise, split=split,
-                         cfg_mode=cfg_mode, free_host_copy=free_host_weights, patch_pipelining=patch_pipelining)
+                         cfg_mode=cfg_mode, free_host_copy=free_host_weights, patch_pipelining=patch_pipelining,
+                         layout=layout)
 
 
 class PPKSamplerAdvanced(PPKSampler):
@@ -264,10 +302,11 @@ class PPKSamplerAdvanced(PPKSampler):
 
     def sample_advanced(self, model, group, add_noise, noise_seed, steps, cfg, sampler_name, scheduler, positive,
                         negative, latent_image, start_at_step, end_at_step, return_with_leftover_noise,
-                        split=None, cfg_mode=None, free_host_weights=False, patch_pipelining=None):
+                        split=None, cfg_mode=None, free_host_weights=False, patch_pipelining=None, layout=None):
         return pp_sample(model, group, positive, negative, latent_image, seed=noise_seed, steps=steps, cfg=cfg,
                          sampler_name=sampler_name, scheduler=scheduler, denoise=1.0, split=split,
                          cfg_mode=cfg_mode, free_host_copy=free_host_weights, patch_pipelining=patch_pipelining,
+                         layout=layout,
                          disable_noise=add_noise == "disable", start_step=start_at_step,
                          last_step=end_at_step, force_full_denoise=return_with_leftover_noise != "enable")
 
@@ -292,7 +331,8 @@ def pp_sample(model, group, positive, negative, latent_image, **kw):
     except ValueError as e:
         raise ValueError(str(e)) from None
     device_memory = None
-    if (kw.get("split") or {}).get("strategy") == "by_memory":  # fit the devices: their memory, or the caps
+    if (kw.get("split") or {}).get("strategy") == "by_memory" or (kw.get("layout") or {}).get("sequence_parallel") == 0:
+        # fit the devices (a by_memory split, the auto layout): their memory, or the caps
         device_memory = workers.device_memory(caps) if any(caps) else workers.start().device_memory()
     # A stock-loader MODEL is handed over as a file in ComfyUI's temp directory (ComfyUI empties
     # it at every start, so an export left by a crash goes with the next start), or PP_EXPORT_DIR.
@@ -304,6 +344,7 @@ def pp_sample(model, group, positive, negative, latent_image, **kw):
             memory_caps=caps, stream_x0=previews_on(), **kw)  # without a previewer the stock x0 goes nowhere
     except JobError as e:  # bad input: a plain error whose message says what to change
         raise ValueError(str(e)) from None
+    logging.info("PP KSampler: layout %s", job["layout_reason"])  # auto: which layout the cost model took, and why
     preview = latent_preview.prepare_callback(model, kw["steps"])
 
     def on_step(i, n, x0):
@@ -335,6 +376,7 @@ NODE_CLASS_MAPPINGS = {
     "PPStageSplit": PPStageSplit,
     "PPCFGMode": PPCFGMode,
     "PPPatchPipelining": PPPatchPipelining,
+    "PPParallelLayout": PPParallelLayout,
     "PPLoadDiffusionModel": PPLoadDiffusionModel,
     "PPKSampler": PPKSampler,
     "PPKSamplerAdvanced": PPKSamplerAdvanced,
@@ -344,6 +386,7 @@ NODE_DISPLAY_NAME_MAPPINGS = {
     "PPStageSplit": "PP Stage Split",
     "PPCFGMode": "PP CFG Mode",
     "PPPatchPipelining": "PP Patch Pipelining (approximate)",
+    "PPParallelLayout": "PP Parallel Layout",
     "PPLoadDiffusionModel": "PP Load Diffusion Model",
     "PPKSampler": "PP KSampler",
     "PPKSamplerAdvanced": "PP KSampler (Advanced)",

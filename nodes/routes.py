@@ -113,8 +113,9 @@ def split_json(strategy: str, manual: str = "", unet_name: str | None = None, de
             pp, cfg = topo.pp_size, topo.cfg_size
         except (ValueError, JobError) as e:
             notes.append(str(e))
+    sp = 1
     if pp is None and last and last.get("layout"):
-        pp, cfg = last["layout"]["pp"], last["layout"].get("cfg", 1)
+        pp, cfg, sp = last["layout"]["pp"], last["layout"].get("cfg", 1), last["layout"].get("sp", 1)
     if pp is None:
         pp = 2
         notes.append("assuming 2 stages")
@@ -154,10 +155,10 @@ def split_json(strategy: str, manual: str = "", unet_name: str | None = None, de
                 (last.get("model") or {}).get("path") == path and len(inputs["capacities"]) == pp:
             capacities, reserve = inputs["capacities"], inputs.get("reserve") or 0
             notes.append("device memory and activation reserve of the last prompt")
-        elif g is not None and g.world == pp * cfg and (memory := g.device_memory()) is not None:
+        elif g is not None and g.world == pp * cfg * sp and (memory := g.device_memory()) is not None:
             from ..pp_runtime.comfy.job import stage_capacities
             from ..pp_runtime.engine.topology import Topology
-            capacities = stage_capacities(Topology.build(g.world, pp=pp, cfg=cfg), memory)
+            capacities = stage_capacities(Topology.build(g.world, pp=pp, cfg=cfg, sp=sp), memory)
             notes.append("the group's free device memory; a prompt also reserves its activations")
     try:
         sp = split_blocks(strategy, profile["num_blocks"], pp, costs=profile["costs"],

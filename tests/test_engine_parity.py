@@ -62,7 +62,7 @@ def test_pp4_batch4_eight_micro_batches(cpu_group):
                                   scheduler="flow_euler", guidance_scale=3.0, cfg_mode="sequential")
     diff = (res["latents"] - ref).abs().max().item()
     print(f"pp4 batch4 seqcfg (8 micro-batches): layout {job['layout']} max|diff| {diff:.2e}")
-    assert job["layout"] == {"cfg": 1, "pp": 4} and diff <= TOL
+    assert job["layout"] == {"cfg": 1, "pp": 4, "sp": 1} and diff <= TOL
 
 
 @pytest.mark.parametrize("cfg_mode,world", [("sequential", 2), ("cfg_parallel", 4)])

@@ -131,7 +131,7 @@ def test_parity_on_ray_actors(ray_groups, name, world, kw):
           f"({time.monotonic() - t0:.2f} s incl. reference)")
     assert not res["interrupted"] and steps == list(range(STEPS))
     assert ref.abs().max() > 0.1 and diff <= TOL
-    assert job["layout"] == ({"pp": 2, "cfg": 1} if world == 2 else {"pp": 2, "cfg": 2})
+    assert job["layout"] == ({"pp": 2, "cfg": 1, "sp": 1} if world == 2 else {"pp": 2, "cfg": 2, "sp": 1})
     st = group.status()
     assert st["backend"] == "ray" and st["state"] == "idle"
     node = _node_address()

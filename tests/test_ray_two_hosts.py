@@ -259,7 +259,7 @@ def test_pp2_one_stage_per_host_equals_stock(hosts):
     print(f"PP2 across hosts: rel-L2 {a['rel_l2']:.2e}, nodes {a['nodes']}, rendezvous {a['rendezvous']}, "
           f"{a['seconds']:.1f} s (incl. actor start)")
     assert a["rel_l2"] <= TOL
-    assert a["layout"] == {"pp": 2, "cfg": 1}
+    assert a["layout"] == {"pp": 2, "cfg": 1, "sp": 1}
     assert sorted(a["nodes"]) == sorted(hosts.addr.values())  # spread: one stage on each host
     assert a["rendezvous"].startswith(f"tcp://{a['nodes'][0]}:") and 29500 <= int(a["rendezvous"].rsplit(":", 1)[1]) <= 29509
 
@@ -268,7 +268,7 @@ def test_pp2_x_cfg2_across_hosts_equals_stock(hosts):
     a = hosts.ask(cmd="parity", world=4)
     print(f"PP2 x CFG2 across hosts: rel-L2 {a['rel_l2']:.2e}, nodes {a['nodes']}")
     assert a["rel_l2"] <= TOL
-    assert a["layout"] == {"pp": 2, "cfg": 2}
+    assert a["layout"] == {"pp": 2, "cfg": 2, "sp": 1}
     assert sorted(a["nodes"]) == sorted([hosts.addr["head"]] * 2 + [hosts.addr["worker"]] * 2)
 
 

@@ -157,7 +157,7 @@ def test_routes_before_and_after_a_run(srv):
     code, body = srv.get("/pp/status")
     grp = [x for x in body["groups"] if x["key"] == "cpu,cpu"][0]
     assert body["state"] == "started" and grp["state"] == "idle" and grp["display_state"] == "idle (model placed)"
-    assert grp["layout"] == {"pp": 2, "cfg": 1} and grp["split"] == [1, 1]
+    assert grp["layout"] == {"pp": 2, "cfg": 1, "sp": 1} and grp["split"] == [1, 1]
     assert [r["blocks"] for r in grp["ranks"]] == ["blocks 0–0", "blocks 1–1"]
     for r in grp["ranks"]:
         assert r["pid"] and r["mem"]["kind"] == "cpu" and r["mem"]["used"] > 0 and r["mem"]["total"] > r["mem"]["used"]

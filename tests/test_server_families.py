@@ -34,12 +34,20 @@ def srv(comfy_server):
     return comfy_server
 
 
-LAYOUTS = {  # name: (devices, cfg mode, manual split or None)
+LAYOUTS = {  # name: (devices, cfg mode, manual split or None[, sequence_parallel: PP Parallel Layout])
     "pp2": ("cpu,cpu", "sequential", None),
     "pp3-uneven": ("cpu,cpu,cpu", "sequential", "uneven"),
     "cfgpar2": ("cpu,cpu", "cfg_parallel", None),
     "pp2xcfg2": ("cpu,cpu,cpu,cpu", "cfg_parallel", None),
 }
+SP_LAYOUTS = {
+    "sp2": ("cpu,cpu", "sequential", None, 2),
+    "pp2xsp2": ("cpu,cpu,cpu,cpu", "sequential", None, 2),
+    "cfg2xsp2": ("cpu,cpu,cpu,cpu", "cfg_parallel", None, 2),
+}
+# The families whose tokens sequence parallelism cuts (the others are refused by name).
+SP_FAMILIES = ["flux1_dev", "flux1_kontext", "flux2", "chroma", "wan21_t2v", "wan21_i2v", "wan21_fun_control",
+               "wan22_ti2v_5b", "hunyuan_video", "qwen_image", "qwen_image_edit", "lumina2", "z_image"]
 
 
 def _model_file(srv, case) -> str:
@@ -65,8 +73,11 @@ def graph(srv, case, tag: str, layout: str | None, blocks: int) -> dict:
          "3": {"class_type": "PPTestFamilyLatent", "inputs": {"case": case.name, "batch_size": 1}},
          "4": {"class_type": "PPKSampler" if pp else "KSampler", "inputs": sampler}}
     if pp:
-        devices, mode, manual = LAYOUTS[layout]
+        devices, mode, manual, *sp = {**LAYOUTS, **SP_LAYOUTS}[layout]
         g["4"]["inputs"].update(group=["5", 0], cfg_mode=["6", 0], split=["7", 0])
+        if sp:
+            g["4"]["inputs"]["layout"] = ["11", 0]
+            g["11"] = {"class_type": "PPParallelLayout", "inputs": {"sequence_parallel": sp[0]}}
         g["5"] = {"class_type": "PPWorkerGroup", "inputs": {"devices": devices, "backend": "local"}}
         g["6"] = {"class_type": "PPCFGMode", "inputs": {"mode": mode}}
         g["7"] = {"class_type": "PPStageSplit",
@@ -101,3 +112,18 @@ def test_family_stock_vs_pp(srv, name):
         report.append(f"{layout} {rel:.1e}")
         assert rel <= TOL, f"{name} {layout}: relative L2 {rel:.2e} against the stock KSampler"
     print(f"[{name}] {'file' if case.detectable else 'PPTestModel'}, {blocks} blocks: " + ", ".join(report))
+
+
+@pytest.mark.parametrize("name", [n for n in SP_FAMILIES if n in zoo.BY_NAME])
+def test_family_stock_vs_sequence_parallel(srv, name):
+    """PP KSampler with a PP Parallel Layout (sequence parallelism): exact as the stock KSampler."""
+    case = zoo.BY_NAME[name]
+    blocks = zoo.num_blocks(case)
+    stock = latents(srv, run_ok_or_fail(srv, graph(srv, case, "stock", None, blocks), 240))
+    report = []
+    for layout in SP_LAYOUTS:
+        pp = latents(srv, run_ok_or_fail(srv, graph(srv, case, layout, layout, blocks), 240))
+        rel = ((pp - stock).norm() / stock.norm()).item()
+        report.append(f"{layout} {rel:.1e}")
+        assert rel <= TOL, f"{name} {layout}: relative L2 {rel:.2e} against the stock KSampler"
+    print(f"[{name}] sequence parallel, {blocks} blocks: " + ", ".join(report))

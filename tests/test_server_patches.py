@@ -25,19 +25,22 @@ def srv(comfy_server):
     return comfy_server
 
 
-def wan_graphs(patch: dict | None, steps=6, length=9, tag="patch", cfg=3.5):
+def wan_graphs(patch: dict | None, steps=6, length=9, tag="patch", cfg=3.5, sampler="euler", sp=None):
     """(stock, PP) graphs of the tiny Wan file with ``patch`` (a node: {class_type, inputs})
-    between the loader and the sampler."""
+    between the loader and the sampler; ``sp``: PP KSampler with a PP Parallel Layout."""
     out = []
     for pp in (False, True):
         g = load_workflow("pp_wan_t2v.json" if pp else "stock_wan_t2v.json")
         s = inputs(g, "PPKSampler" if pp else "KSampler")
-        s.update(seed=11, steps=steps, cfg=cfg, sampler_name="euler", scheduler="simple", denoise=1.0)
+        s.update(seed=11, steps=steps, cfg=cfg, sampler_name=sampler, scheduler="simple", denoise=1.0)
         inputs(g, "EmptyHunyuanLatentVideo")["length"] = length
         inputs(g, "SaveLatent")["filename_prefix"] = f"latents/{tag}_{'pp' if pp else 'stock'}"
         if pp:
             inputs(g, "PPWorkerGroup")["devices"] = "cpu,cpu"
             inputs(g, "PPCFGMode")["mode"] = "sequential"
+            if sp:
+                g["60"] = {"class_type": "PPParallelLayout", "inputs": {"sequence_parallel": sp}}
+                s["layout"] = ["60", 0]
         if patch is not None:
             g["50"] = {"class_type": patch["class_type"], "inputs": {**patch["inputs"], "model": ["1", 0]}}
             s["model"] = ["50", 0]
@@ -164,3 +167,16 @@ def test_previews_with_every_preview_method(srv, family):
     assert len(frames["latent2rgb"]) >= 2 and all(frames["latent2rgb"])
     assert frames["auto"] == frames["latent2rgb"]
     assert len(frames["taesd"]) == len(frames["latent2rgb"]) and frames["taesd"] != frames["latent2rgb"]
+
+
+@pytest.mark.parametrize("patch,sampler", [
+    ({"class_type": "EasyCache", "inputs": {"reuse_threshold": 3.0, "start_percent": 0.0, "end_percent": 1.0,
+                                             "verbose": False}}, "euler"),
+    ({"class_type": "ModelSamplingSD3", "inputs": {"shift": 2.0}}, "dpmpp_2m"),
+    (None, "uni_pc"),
+])
+def test_patches_and_samplers_with_sequence_parallelism(srv, patch, sampler):
+    """PP Parallel Layout sp2 with a cache node, a model-sampling shift, other samplers: as stock."""
+    a, b, rel = pair(srv, patch, steps=6, tag=f"sp_{sampler}", sampler=sampler, sp=2)
+    print(f"[sp2 {patch and patch['class_type']} {sampler}] relative L2 vs stock {rel:.1e}")
+    assert rel <= TOL

@@ -16,7 +16,7 @@ def test_topology_pp2_cfg2():
     assert t.is_last and not t.is_first and t.prev_rank == 2 and t.next_rank is None
     assert t.first_rank == 2 and t.last_rank == 3 and not t.is_output_rank
     assert Topology.build(4, cfg=2, rank=1).is_output_rank
-    assert [Topology.build(3, rank=r).coords for r in range(3)] == [{"cfg": 0, "pp": p} for p in range(3)]
+    assert [Topology.build(3, rank=r).coords for r in range(3)] == [{"cfg": 0, "pp": p, "sp": 0} for p in range(3)]
 
 
 def test_topology_errors():

@@ -101,7 +101,7 @@ function renderGroup(g) {
       <td class="pp-rank-id"><span class="pp-dot" style="background:${STAGE_COLORS[(r.pp_rank ?? r.rank) % STAGE_COLORS.length]}"></span>${r.rank}</td>
       <td><div class="pp-dev">${esc(r.device)}</div><div class="pp-sub">${esc(r.name || "")}${r.pid ? ` · pid ${r.pid}` : ""}</div></td>
       <td class="pp-stage">${r.blocks ? esc(r.blocks) : "<span class='pp-sub'>no stage yet</span>"}
-        ${r.pp_rank != null ? `<div class="pp-sub">stage ${r.pp_rank}${g.layout && g.layout.cfg > 1 ? `, cfg ${r.cfg_rank}` : ""}</div>` : ""}</td>
+        ${r.pp_rank != null ? `<div class="pp-sub">stage ${r.pp_rank}${g.layout && g.layout.cfg > 1 ? `, cfg ${r.cfg_rank}` : ""}${g.layout && g.layout.sp > 1 ? `, shard ${r.sp_rank}` : ""}</div>` : ""}</td>
       <td class="pp-mem" title="${what}${esc(peak)}"><div class="pp-membar"><div style="width:${pct.toFixed(1)}%"></div></div>
         <div class="pp-sub">${memText}${peak}${esc(kv)}</div></td>
     </tr>`;
@@ -120,6 +120,7 @@ function renderGroup(g) {
     ${prog}${failure}
     <div class="pp-kv"><span>model</span><span>${model}</span></div>
     <div class="pp-kv"><span>layout</span><span>${esc(g.layout_text || "—")}${g.split ? ` · split ${esc(g.split.join(" + "))} blocks` : ""}</span></div>
+    ${g.layout_reason ? `<div class="pp-kv"><span>why</span><span>${esc(g.layout_reason)}</span></div>` : ""}
     <table class="pp-ranks"><thead><tr><th>rank</th><th>device</th><th>stage</th><th>memory</th></tr></thead><tbody>${ranks}</tbody></table>
     <div class="pp-actions">
       <button class="pp-btn pp-release" ${g.state === "idle" && !g.parked && !store.busy ? "" : "disabled"}
@@ -162,7 +163,7 @@ function renderTimeline(tl, width) {
     if (row < 0) continue;
     const x0 = x(b.t0), w = Math.max(1, x(b.t1) - x0);
     const dur = b.t1 - b.t0;
-    const tip = `rank ${b.rank} · step ${b.step} · ${b.kind} ${b.label} · ${fmtMs(dur)}`;
+    const tip = `rank ${b.rank} · step ${b.step} · ${b.kind} ${b.label}${b.shard != null ? ` · shard ${b.shard}` : ""} · ${fmtMs(dur)}`;
     if (b.kind === "compute") {
       // patches of one micro-batch: the branch's colour, lighter patch by patch, each outlined
       const shade = b.patch ? ` fill-opacity="${(1 - 0.15 * ((b.patch - 1) % 4)).toFixed(2)}" stroke="#222" stroke-width="0.5"` : "";

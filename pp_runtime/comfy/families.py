@@ -53,7 +53,10 @@ FAMILIES = (
     Family("Wan", ("comfy.ldm.wan.model:WanModel",),
            (BlockList("blocks", "double_block", ("img",), joint=("img",)),),
            head=("head",),
-           patches=PatchSpec(positional=(("pe", 1),), classes=("comfy.ldm.wan.model:WanModel",))),
+           # Wan 2.2 ti2v with a noise mask: one timestep per frame, so "vec" has a row per frame, which
+           # the blocks spread over the frame's tokens with repeat_e (cut with the patch / shard)
+           patches=PatchSpec(positional=(("pe", 1),), classes=("comfy.ldm.wan.model:WanModel",),
+                             per_token=(("vec", 1, "comfy.ldm.wan.model:repeat_e"),))),
     # comfy/ldm/qwen_image/model.py (text-to-image, Edit, 2511, Layered)
     Family("QwenImage", ("comfy.ldm.qwen_image.model:QwenImageTransformer2DModel",),
            (BlockList("transformer_blocks", "double_block", DUAL, cost=0.5, joint=TXT_IMG),),
@@ -105,9 +108,13 @@ FAMILIES = (
            (BlockList("visual_transformer_blocks", None, ("visual_embed",)),),
            head=("out_layer",)),
     # comfy/ldm/lumina/model.py (Lumina 2, Z-Image): no hook; the refiners feed only the hidden state
+    # (sequence shards: the joint [caption | image] sequence cut in one segment; Z-Image omni's
+    # timestep_zero_index, token ranges with their own modulation, is refused)
     Family("Lumina2", ("comfy.ldm.lumina.model:NextDiT",),
-           (BlockList("layers", None, ("x",)),),
-           head=("final_layer",), first_only=("noise_refiner", "context_refiner")),
+           (BlockList("layers", None, ("x",), joint=("x",)),),
+           head=("final_layer",), first_only=("noise_refiner", "context_refiner"),
+           patches=PatchSpec(positional=(("freqs_cis", 1),), unsupported_args=("timestep_zero_index",),
+                             classes=("comfy.ldm.lumina.model:NextDiT",))),
     # comfy/ldm/hidream/model.py: no hook; a double block's text input is the running text
     # state joined with this block's llama layer (recomputed alike on every rank)
     Family("HiDream", ("comfy.ldm.hidream.model:HiDreamImageTransformer2DModel",),

@@ -14,7 +14,7 @@ from . import export
 from . import loading
 from .families import family_for
 from .token_patches import describe_support
-from ..engine.layout import JobError, choose_layout
+from ..engine.layout import EXCHANGES, JobError, auto_layout, choose_layout
 from ..engine.split import split_blocks
 
 
@@ -41,12 +41,19 @@ class PatchChoice(TypedDict):  # PP_PATCHES (PP Patch Pipelining)
     warmup_steps: int
 
 
+class LayoutChoice(TypedDict):  # PP_LAYOUT (PP Parallel Layout)
+    sequence_parallel: int  # 0: auto (the cost model's pick), 1: off, 2, 4, 8 ...
+    attention_exchange: str  # engine.layout.EXCHANGES: auto, all_gather_kv, ulysses
+
+
 class ComfyJob(TypedDict):
     """A PP KSampler job, as the workers read it (JSON; its tensors travel beside it)."""
     kind: str  # "comfy_sample"
     model: dict  # weights_source: file, dtypes, stamp (and the config to build)
     split: list  # blocks per stage
-    layout: dict  # {"cfg": c, "pp": p}: the topology's degrees
+    layout: dict  # {"cfg": c, "pp": p, "sp": s}: the topology's degrees
+    layout_reason: str  # why this layout (auto: the cost model's pick), for the done message and the panel
+    sequence_exchange: str  # sequence parallelism's attention exchange (engine.layout.EXCHANGES)
     split_inputs: dict  # strategy, capacities, reserve the split was computed from
     micro_batch_size: int
     batched_cfg: bool
@@ -166,6 +173,36 @@ def plan_patch_pipelining(settings: dict | None, diffusion_model, pp: int) -> di
     return {"count": count, "warmup": warmup}
 
 
+def layout_of(world: int, model, samples, profile: dict, cfg_mode: str, do_cfg: bool, choice: LayoutChoice | None,
+              device_memory: list[int] | None, rows: int, patch_pipelining) -> tuple:
+    """(topology, why) of a job: today's (CFG mode only) without a PP Parallel Layout; its
+    sequence-parallel degree; or for ``sequence_parallel`` 0 the cost model's pick
+    (``engine.layout.auto_layout``) from the devices' memory and the model's size."""
+    dm = model.model.diffusion_model
+    sp = int((choice or {}).get("sequence_parallel", 1))
+    refused = describe_support(family_for(dm), dm, "sequence parallelism", "use sequence_parallel 1")
+    if patch_pipelining and patch_pipelining.get("enabled", True):
+        refused = refused or "sequence parallelism and patch pipelining do not combine: disconnect one of them"
+    if sp == 0:
+        reserve = int(model.model.memory_required([rows] + list(samples.shape[1:])))  # ComfyUI's own estimate
+
+        def stage_bytes(pp: int) -> int:  # the largest stage of the balanced split, with the activations
+            if pp > profile["num_blocks"]:
+                return 1 << 62  # more stages than blocks: no such layout
+            blocks = profile["block_bytes"]
+            ranges = split_blocks("balanced", profile["num_blocks"], pp, costs=profile["costs"],
+                                  block_bytes=blocks).ranges
+            return reserve + profile["shared_bytes"] + max(
+                sum(blocks[a:b]) + (profile["first_bytes"] if s == 0 else 0)
+                + (profile["last_bytes"] if s == pp - 1 else 0) for s, (a, b) in enumerate(ranges))
+        capacity = min(device_memory) if device_memory else None
+        return auto_layout(world, cfg_mode, do_cfg, stage_bytes, capacity, refused)
+    if sp > 1 and refused:
+        raise JobError(refused)
+    topo = choose_layout(world, cfg_mode, do_cfg, sp)
+    return topo, f"{topo.name}: as chosen" + (f" (sequence_parallel {sp})" if choice else " (CFG mode)")
+
+
 def stage_capacities(topo, device_memory: list[int]) -> list[int]:
     """Bytes each pipeline stage may use: the smallest of its devices (one per CFG pipeline)."""
     return [min(device_memory[r] for r in range(topo.world_size) if topo.coords_of(r)["pp"] == s)
@@ -179,7 +216,8 @@ def prepare_comfy_job(world: int, model, positive, negative, latent: dict, *, se
                       free_host_copy: bool = False, export_dir: str | None = None,
                       device_memory: list[int] | None = None, devices: list[str] | None = None,
                       patch_pipelining: PatchChoice | None = None, residency: str = "keep",
-                      memory_caps: list[int] | None = None, stream_x0: bool = True):
+                      memory_caps: list[int] | None = None, stream_x0: bool = True,
+                      layout: LayoutChoice | None = None):
     """-> (``ComfyJob``, tensors for every rank, rank_tensors(rank): the tensors only that rank needs)."""
     split = split or {"strategy": "balanced", "manual": ""}
     cfg_mode = cfg_mode or {"mode": "auto"}
@@ -195,13 +233,18 @@ def prepare_comfy_job(world: int, model, positive, negative, latent: dict, *, se
     if mode == "off":
         cfg = 1.0  # one branch: ComfyUI itself skips the uncond pass at cfg 1
     do_cfg = cfg != 1.0
-    topo = choose_layout(world, mode, do_cfg)
+    rows = micro_batch_size if mode != "batched" else 2 * micro_batch_size
+    layout_choice = layout
+    topo, reason = layout_of(world, model, samples, profile, mode, do_cfg, layout, device_memory, rows,
+                             patch_pipelining)
     layout = dict(topo.degrees)
+    exchange = (layout_choice or {}).get("attention_exchange", "auto")
+    if exchange not in EXCHANGES:
+        raise JobError(f"attention_exchange '{exchange}' is unknown; use one of {', '.join(EXCHANGES)}")
     capacities = reserve = None
     if device_memory is not None and split["strategy"] == "by_memory":
         # per pipeline stage: the smallest of its devices (one per CFG pipeline)
         capacities = stage_capacities(topo, device_memory)
-        rows = micro_batch_size if mode != "batched" else 2 * micro_batch_size
         reserve = int(model.model.memory_required([rows] + list(samples.shape[1:])))  # ComfyUI's own estimate
     try:
         sp = split_blocks(split["strategy"], profile["num_blocks"], layout["pp"], costs=profile["costs"],
@@ -219,7 +262,8 @@ def prepare_comfy_job(world: int, model, positive, negative, latent: dict, *, se
     job = ComfyJob(**{
         "kind": "comfy_sample",
         "model": weights_source(model, free_host_copy, export_dir),
-        "split": list(sp.counts), "layout": layout,
+        "split": list(sp.counts), "layout": layout, "layout_reason": reason,
+        "sequence_exchange": exchange,
         # what the split was computed from (the panel's preview shows the same split)
         "split_inputs": {"strategy": split["strategy"], "capacities": capacities, "reserve": reserve or 0},
         "micro_batch_size": int(micro_batch_size), "batched_cfg": mode == "batched",

@@ -22,6 +22,7 @@ from ..engine import tree
 from ..engine.executor import Executor
 from ..engine.plan import EXACT, FILL, PassPlan, Unit, plan_pass
 from .token_patches import PatchCall, auto_count, check_inputs
+from ..engine.sequence import SequenceGroup
 from ..engine.timeline import Timeline
 
 
@@ -111,8 +112,11 @@ def micro_batches(plan: PassPlan, pipeline: int, inputs: dict, per_row: dict, wh
     return out
 
 
-def patch_call(unit: Unit) -> PatchCall | None:
-    """What patch pipelining does in a unit's stage call (None: an exact pass)."""
+def patch_call(unit: Unit, sp_rank: int = 0) -> PatchCall | None:
+    """What a unit's stage call does with the token sequence: this rank's sequence-parallel
+    shard, a token patch, an exact pass filling the patch caches; None: an exact pass."""
+    if unit.shards > 1:
+        return PatchCall("shard", unit.branch, sp_rank, unit.shards)
     if unit.patches > 1:
         return PatchCall("patch", unit.branch, unit.patch, unit.patches)
     return PatchCall("fill", unit.branch) if unit.patches == FILL else None
@@ -124,7 +128,8 @@ class ComfyPipelineRunner:
     the proxy (``run_pass``), on the others ``serve``."""
 
     def __init__(self, ctx, stage, micro_batch_size: int = 1, batched: bool = False,
-                 cancelled=None, options: dict | None = None, on_block=None, pipelining: dict | None = None):
+                 cancelled=None, options: dict | None = None, on_block=None, pipelining: dict | None = None,
+                 sequence_exchange: str = "auto"):
         # Patch pipelining (opt-in): M token patches per pass after `warmup` exact steps (M 0: from
         # the token count, ``token_patches.auto_count``).
         self.pipelining = bool(pipelining)
@@ -145,6 +150,8 @@ class ComfyPipelineRunner:
         self._mb: dict = {}  # the current pass's micro-batches: {index: (kwargs, options)}
         stage.forward.cancelled = cancelled or (lambda: False)
         stage.forward.on_block = on_block
+        stage.forward.sp = SequenceGroup(ctx) if ctx.topo.sp_size > 1 else None
+        stage.forward.sp_exchange = sequence_exchange
 
     def _forward(self, unit: Unit, state_in, patch=None):
         if self.first_pass is None:
@@ -153,11 +160,12 @@ class ComfyPipelineRunner:
         kw = dict(kw)
         args = (kw.pop("x"), kw.pop("timestep"))  # positional, as ComfyUI's BaseModel passes them
         return self.stage.forward(args, {**kw, "transformer_options": {**self.options, **opts}}, state_in,
-                                  patch or patch_call(unit))
+                                  patch or patch_call(unit, self.topo.sp_rank))
 
     def _head(self, unit: Unit, outputs: list):
-        """ComfyUI's head on a micro-batch's patches joined (last rank, patch pipelining)."""
-        return self._forward(unit, None, PatchCall("head", unit.branch, count=unit.patches, outputs=outputs))
+        """ComfyUI's head on a micro-batch's patches or sequence shards joined (the driver)."""
+        count = unit.shards if unit.shards > 1 else unit.patches
+        return self._forward(unit, None, PatchCall("head", unit.branch, count=count, outputs=outputs))
 
     # every rank but the last -----------------------------------------------------------
     def serve(self) -> None:
@@ -189,7 +197,7 @@ class ComfyPipelineRunner:
             if len(mine) != plan.rows:
                 inputs = _pick_rows(inputs, mine, plan.rows)
             per_row, whole = pass_options(transformer_options, len(mine))
-            if topo.pp_size > 1:
+            if topo.pass_ranks:
                 self.executor.send_pass(encode_pass(plan, inputs, per_row, whole))
             self._mb = micro_batches(plan, self._pipeline(plan), inputs, per_row, whole)
             out, stopped = self.executor.run(plan)
@@ -207,6 +215,12 @@ class ComfyPipelineRunner:
         branch = [cou[r // per] for r in range(rows)]
         mine = [r for r in range(rows) if topo.cfg_size == 1 or branch[r] == topo.cfg_rank]
         size = max(1, len(mine)) if self.batched else self.micro_batch_size
+        if topo.sp_size > 1:  # sequence parallelism: exact, every pass cut in shards
+            check_inputs(self.stage.forward.family, self.stage.forward.model,
+                         _pick_rows(dict(kwargs), mine, rows) if len(mine) != rows else kwargs,
+                         "sequence parallelism", "use sequence_parallel 1")
+            return plan_pass(branch, stages=topo.pp_size, pipelines=topo.cfg_size, micro_batch_size=size,
+                             shards=topo.sp_size)
         exact = plan_pass(branch, stages=topo.pp_size, pipelines=topo.cfg_size, micro_batch_size=size)
         units = exact.for_pipeline(self._pipeline(exact))
         mode = self._patch_mode((shape_of(x), len(mine), tuple(len(u.rows) for u in units),

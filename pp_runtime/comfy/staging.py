@@ -217,6 +217,7 @@ class _Pass:
     patch: object = None     # a patches.PatchCall, or None
     segments: list | None = None  # the joint sequence's segments (e.g. text, image tokens)
     spans: list | None = None     # the patch's token ranges in it (one per segment)
+    shards: list | None = None    # sequence parallelism: every shard's spans (this rank's: ``spans``)
     total: int = 0           # the joint sequence's length
     block: int | None = None  # the block running now (for the attention hook)
     calls: int = 0           # attention calls of that block so far
@@ -248,6 +249,9 @@ class StageForward:
             g += len(model.get_submodule(bl.path))
         self.list_at = [bl for _, _, bl in self.blocks]  # the block list of each global block
         self.joint_at = [joint_order(m, bl) for _, m, bl in self.blocks]  # patch pipelining: per block
+        self.sp = None  # sequence parallelism: this stage's engine.sequence.SequenceGroup (set per job)
+        self.sp_exchange = "auto"  # ... and its attention exchange: auto, all_gather_kv, ulysses
+        self._spread: dict = {}  # per-token arguments: (name, groups, tokens) -> token -> group index
         self._pass: _Pass | None = None
 
     def __call__(self, args: tuple, kwargs: dict, state_in: dict | None = None, patch=None):
@@ -326,11 +330,14 @@ class StageForward:
             p.total = self.tokens = sum(p.segments)
             if patch.mode == "patch":
                 p.spans = patch_ranges(p.segments, patch.count)[patch.index]
+            elif patch.mode == "shard":
+                p.shards = patch_ranges(p.segments, patch.count, "sequence-parallel shards")
+                p.spans = p.shards[patch.index]
         if patch is not None and patch.mode == "head":  # every block passed through; the last
             return _REPLACE if g == self.n_blocks - 1 else None  # one's output: the patches joined
         if g < self.start:
             return None
-        if patch is not None and patch.mode == "patch" and self.first and not p.injected:
+        if patch is not None and patch.mode in ("patch", "shard") and self.first and not p.injected:
             hidden = cut(hidden, self.joint_at[g], p.segments, p.spans)
             p.injected = True
         if not self.first and not p.injected:
@@ -338,7 +345,10 @@ class StageForward:
             p.injected = True
         if g >= self.end:
             raise StageBoundary(hidden)
-        if self.cancelled():
+        stop = self.cancelled()
+        if patch is not None and patch.mode == "shard":
+            stop = self.sp.agree(stop)  # every shard stops at this block, or none: no collective is left half
+        if stop:
             raise StageCancelled()
         if self.on_block is not None:
             self.on_block(g)
@@ -351,16 +361,42 @@ class StageForward:
         p, spec = self._pass, self.family.patches
         for name in spec.unsupported_args:
             if args.get(name) is not None:
-                raise PatchUnsupported(f"patch pipelining cannot cut this {self.family.name} model's per-token "
-                                       f"block input '{name}': turn patches off")
+                raise PatchUnsupported(f"{self._what()} cannot cut this {self.family.name} model's per-token "
+                                       f"block input '{name}': {self._off()}")
         for name, dim in spec.positional:
             t = args.get(name)
             if torch.is_tensor(t):
                 if t.shape[dim] != p.total:
                     raise PatchUnsupported(f"{self.family.name}'s '{name}' covers {t.shape[dim]} tokens, the "
-                                           f"sequence {p.total}: patch pipelining cannot cut it; turn patches off")
+                                           f"sequence {p.total}: {self._what()} cannot cut it; {self._off()}")
                 args[name] = take(t, dim, p.spans)
+        for name, dim, spread in spec.per_token:
+            t = args.get(name)
+            if torch.is_tensor(t) and t.dim() > dim and t.shape[dim] > 1:
+                args[name] = t.index_select(dim, self._token_groups(name, spread, t.shape[dim], p).to(t.device))
         return args
+
+    def _token_groups(self, name: str, spread: str, groups: int, p) -> torch.Tensor:
+        """For each token of this pass's patch or shard, the row of a per-group block argument
+        (e.g. its frame's) that ComfyUI's own ``spread`` function gives it."""
+        key = (name, groups, p.total, tuple(p.spans))
+        if key not in self._spread:
+            import importlib
+            module, _, fn = spread.partition(":")
+            rows = torch.arange(groups, dtype=torch.float32).view(1, groups, 1)
+            index = getattr(importlib.import_module(module), fn)(rows, torch.empty(1, p.total, 0))
+            if index.shape[1] != p.total:
+                raise PatchUnsupported(f"{self.family.name}'s '{name}' does not spread over the {p.total} tokens: "
+                                       f"{self._what()} cannot cut it; {self._off()}")
+            self._spread[key] = take(index[0, :, 0].long(), 0, p.spans)
+        return self._spread[key]
+
+    def _what(self) -> str:
+        shard = self._pass is not None and self._pass.patch is not None and self._pass.patch.mode == "shard"
+        return "sequence parallelism" if shard else "patch pipelining"
+
+    def _off(self) -> str:
+        return "use sequence_parallel 1" if self._what() == "sequence parallelism" else "turn patches off"
 
     def _attention(self, previous):
         """ComfyUI's ``optimized_attention_override`` for patch pipelining: a ``fill`` pass stores
@@ -369,13 +405,15 @@ class StageForward:
         def override(func, *args, **kwargs):
             inner = func if previous is None else (lambda *a, **k: previous(func, *a, **k))
             p = self._pass
-            if p is None or p.patch is None or p.block is None or p.patch.mode not in ("fill", "patch"):
+            if p is None or p.patch is None or p.block is None or p.patch.mode not in ("fill", "patch", "shard"):
                 return inner(*args, **kwargs)
             call, p.calls = p.calls, p.calls + 1
             if call not in self.family.patches.self_attention:
                 return inner(*args, **kwargs)
             q, k, v = args[:3]
             dim = 2 if kwargs.get("skip_reshape") else 1
+            if p.patch.mode == "shard":
+                return self._shard_attention(inner, dim, args, kwargs)
             key = (p.block, p.patch.branch)
             if p.patch.mode == "fill":
                 if self.kv.store(key, k, v):  # a new shape: graphs read the old tensors
@@ -399,6 +437,45 @@ class StageForward:
                 at += b - a
             return inner(q, ck, cv, *args[3:], **kwargs)
         return override
+
+    def _shard_attention(self, inner, dim: int, args: tuple, kwargs: dict):
+        """Sequence parallelism: this shard's queries over every shard's keys/values (the whole
+        sequence, in its order): the unsplit attention's rows for this shard's tokens."""
+        p = self._pass
+        q, k, v = args[:3]
+        n = sum(b - a for a, b in p.spans)
+        if k.shape[dim] != n or q.shape[dim] != n:
+            raise PatchUnsupported(f"block {p.block}: the attention's sequence ({tuple(k.shape)}) is not this "
+                                   f"shard's {n} tokens of {p.total}: sequence parallelism cannot run this "
+                                   f"{self.family.name} model; use sequence_parallel 1")
+        rest, kwargs = list(args[3:]), dict(kwargs)
+        mask = kwargs.get("mask", rest[1] if len(rest) > 1 else None)
+        if mask is not None and (mask.shape[-1] != p.total or (mask.dim() > 1 and mask.shape[-2] not in (1, p.total))):
+            raise PatchUnsupported(f"sequence parallelism cannot cut an attention mask of shape "
+                                   f"{tuple(mask.shape)} over {p.total} tokens; use sequence_parallel 1")
+        heads = kwargs.get("heads", rest[0] if rest else None)
+        try:
+            exchange = self.sp.exchange(self.sp_exchange, int(heads))
+        except ValueError as e:
+            raise PatchUnsupported(f"{self.family.name}: {e}") from None
+        if exchange == "ulysses":
+            kwargs.pop("mask", None)
+            kwargs.pop("heads", None)
+            out_heads_first = bool(kwargs.get("skip_output_reshape"))
+            kwargs.update(skip_reshape=True, skip_output_reshape=True)
+
+            def attend(qh, kh, vh, g, m):
+                return inner(qh, kh, vh, g, m, *rest[2:], **kwargs)
+            return self.sp.ulysses(attend, q, k, v, int(heads), dim, p.shards, p.total, mask, out_heads_first)
+        k, v = self.sp.gather_kv(k, v, dim, p.shards, p.total)
+        if mask is not None:
+            if mask.dim() > 1 and mask.shape[-2] == p.total and p.total > 1:  # one row per query: this shard's
+                mask = take(mask, mask.dim() - 2, p.spans)
+            if "mask" in kwargs:
+                kwargs["mask"] = mask
+            else:
+                rest[1] = mask
+        return inner(q, k, v, *rest, **kwargs)
 
     def _options(self, opts: dict) -> dict:
         """transformer_options with a block-replacement hook on every block of every hooked list
@@ -426,7 +503,7 @@ class StageForward:
             if hidden is None:
                 return {k: args[k] for k in bl.hidden}
             args = {**args, **hidden}
-            patching = self._pass.patch is not None and self._pass.patch.mode == "patch"
+            patching = self._pass.patch is not None and self._pass.patch.mode in ("patch", "shard")
             if patching:
                 args = self._patch_args(args)
             out = user(args, extra) if user is not None else extra["original_block"](args)
@@ -468,10 +545,21 @@ class StageForward:
             bound = signature.bind(module, *args, **kwargs)
             bound.apply_defaults()
             hidden = self._enter(g, {k: bound.arguments[k] for k in bl.hidden})
-            if hidden is not None:
+            if hidden is _REPLACE:  # the head pass: the last block's output is the patches' / shards' joined
+                p = self._pass
+                joined = join(p.patch.outputs, self.joint_at[g], p.segments, patch_ranges(p.segments, p.patch.count))
+                out = tuple(joined[k] for k in returns)
+            elif hidden is not None:
                 bound.arguments.update(hidden)
-                return real(*bound.args[1:], **bound.kwargs)
-            out = tuple(bound.arguments[k] for k in returns)
+                patching = self._pass.patch is not None and self._pass.patch.mode in ("patch", "shard")
+                if patching:
+                    self._patch_args(bound.arguments)
+                out = real(*bound.args[1:], **bound.kwargs)
+                if patching and self.last and g == self.n_blocks - 1:
+                    raise PatchDone(dict(zip(returns, out if isinstance(out, tuple) else (out,))))
+                return out
+            else:
+                out = tuple(bound.arguments[k] for k in returns)
             return out[0] if len(out) == 1 else out
         return forward
 

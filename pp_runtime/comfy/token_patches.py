@@ -31,6 +31,8 @@ from dataclasses import dataclass, field
 
 import torch
 
+from ..engine import sequence
+
 
 @dataclass(frozen=True)
 class PatchSpec:
@@ -42,6 +44,10 @@ class PatchSpec:
     # when the input is absent, the input that must be present for it to matter, why), e.g.
     # Qwen-Image Edit's reference tokens with their own timestep
     unsupported_inputs: tuple[tuple[str, str, str, str, str], ...] = ()
+    # block arguments with one row per group of tokens (Wan 2.2 ti2v's per-frame modulation):
+    # (name, dim, "module:function": ComfyUI's own function that spreads it over the tokens as the
+    # block does, ``f(value, hidden)``); cut to the patch's tokens once spread
+    per_token: tuple[tuple[str, int, str], ...] = ()
 
 
 class PatchUnsupported(RuntimeError):
@@ -63,21 +69,18 @@ def ranges(total: int, count: int) -> list[tuple[int, int]]:
     """``count`` contiguous ranges of nearly equal size covering ``total`` tokens."""
     if count < 1 or total < count:
         raise PatchUnsupported(f"cannot cut {total} tokens into {count} patches: use at most {total} patches")
-    cuts = [round(i * total / count) for i in range(count + 1)]
-    return list(zip(cuts[:-1], cuts[1:]))
+    return sequence.ranges(total, count)
 
 
-def patch_ranges(segments: list[int], count: int) -> list[list[tuple[int, int]]]:
-    """Per patch, its token ranges in the joint sequence: one chunk of every segment (e.g. of
-    the text tokens and of the image tokens), so that every patch has some of each."""
-    offsets = [sum(segments[:j]) for j in range(len(segments))]
-    try:
-        chunks = [ranges(n, count) for n in segments]
-    except PatchUnsupported:
-        raise PatchUnsupported(f"the token sequence has segments of {segments} tokens; each of {count} patches "
-                               f"needs some of every segment: use at most {min(segments)} patches") from None
-    return [[(offsets[j] + chunks[j][p][0], offsets[j] + chunks[j][p][1]) for j in range(len(segments))]
-            for p in range(count)]
+def patch_ranges(segments: list[int], count: int, what: str = "patches") -> list[list[tuple[int, int]]]:
+    """Per patch (or sequence shard), its token ranges in the joint sequence: one chunk of
+    every segment (e.g. of the text tokens and of the image tokens), so that every patch has
+    some of each."""
+    spans = sequence.shard_spans(segments, count)
+    if spans is None:
+        raise PatchUnsupported(f"the token sequence has segments of {segments} tokens; each of {count} {what} "
+                               f"needs some of every segment: use at most {min(segments)} {what}")
+    return spans
 
 
 def take(t: torch.Tensor, dim: int, spans: list[tuple[int, int]]) -> torch.Tensor:
@@ -142,23 +145,25 @@ class PatchDone(BaseException):
         self.out = out
 
 
-def describe_support(family, diffusion_model) -> str | None:
-    """Why this model cannot run with patches (None: it can)."""
+def describe_support(family, diffusion_model, what: str = "patch pipelining", off: str = "turn patches off") -> str | None:
+    """Why this model cannot run with patches (or sequence shards: the same cut of its tokens);
+    None: it can."""
     spec = getattr(family, "patches", None)
     if spec is None or not all(bl.joint for bl in family.blocks):
-        return (f"patch pipelining has no entry for {family.name} yet (it runs Flux, Wan 2.1/2.2, Qwen-Image and "
-                f"HunyuanVideo): turn patches off")
+        return (f"{what} has no entry for {family.name} yet (it runs Flux, Chroma, Wan 2.1/2.2, Qwen-Image, Lumina 2, Z-Image and "
+                f"HunyuanVideo): {off}")
     if spec.classes:
         name = f"{type(diffusion_model).__module__}:{type(diffusion_model).__name__}"
         if name not in spec.classes:
-            return (f"patch pipelining cannot run {type(diffusion_model).__name__}: its blocks take per-token "
-                    f"extras that a patch would cut wrongly; it runs {', '.join(c.split(':')[1] for c in spec.classes)}"
-                    f". Turn patches off")
+            return (f"{what} cannot run {type(diffusion_model).__name__}: its blocks take per-token "
+                    f"extras that a cut of the tokens would get wrong; it runs "
+                    f"{', '.join(c.split(':')[1] for c in spec.classes)}: {off}")
     return None
 
 
-def check_inputs(family, diffusion_model, kwargs: dict) -> None:
-    """Refuse a pass whose inputs patches cannot cut (before any stage runs it)."""
+def check_inputs(family, diffusion_model, kwargs: dict, what: str = "patch pipelining",
+                 off: str = "turn patches off") -> None:
+    """Refuse a pass whose inputs patches (or sequence shards) cannot cut (before any stage runs it)."""
     import operator
     for name, value, default, present, why in family.patches.unsupported_inputs:
         try:
@@ -166,8 +171,7 @@ def check_inputs(family, diffusion_model, kwargs: dict) -> None:
         except AttributeError:
             fallback = None
         if kwargs.get(present) is not None and kwargs.get(name, fallback) == value:
-            raise PatchUnsupported(f"patch pipelining cannot run {family.name} with {name} '{value}' ({why}): "
-                                   f"turn patches off")
+            raise PatchUnsupported(f"{what} cannot run {family.name} with {name} '{value}' ({why}): {off}")
 
 
 class KVCache:

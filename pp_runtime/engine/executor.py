@@ -5,18 +5,24 @@ predecessor (rank 0: none, its stage starts from the pass's inputs), runs its st
 (``forward(unit, state)``), and sends the result on; the last rank keeps the outputs,
 joins a micro-batch's token patches with ``head`` (patch pipelining), and with a CFG group
 of several pipelines exchanges the outputs with the other last ranks (``gather``).  The
-receive of the next unit is posted before the current one is computed.
+receive of the next unit is posted before the current one is computed.  With sequence
+parallelism (``Unit.shards`` > 1) every lane of SP rank r does the same on its shard; the
+last stage's shards meet on the pipeline's driver (last stage, shard 0), whose ``head``
+joins them into the model output.
 
 Where the inputs come from is the caller's: ComfyUI's sampler makes the model call on
 the last rank, which sends the plan and the inputs to the other stages of its pipeline
-on the *pass channel* (``send_pass`` / ``serve``); the seed's mixin API has the inputs on
-rank 0 and every rank derives the same plan.
+on the *pass channel* (``send_pass`` / ``serve``; with SP the driver sends to every rank of
+its pipeline); the seed's mixin API has the inputs on rank 0 and every rank derives the
+same plan.
 
 Cancel (``StageCancelled`` from a stage, checked between blocks): a rank that stops sends
 STOP in place of its next output and nothing more; a rank that receives STOP passes it
 on; a rank that has stopped still receives what its predecessor sends for this pass
-(up to the pass's units, or its STOP), so every send has its receive.  Across a CFG group
-the last ranks agree (``agree_stop``) before anything else is exchanged.
+(up to the pass's units, or its STOP), so every send has its receive.  The SP ranks of a
+stage stop at one block (the stage agrees before each block: ``staging``), so a last
+stage's shard that stops sends the driver STOP for the unit the driver stops at too.
+Across a CFG group the drivers agree (``agree_stop``) before anything else is exchanged.
 """
 from __future__ import annotations
 
@@ -59,6 +65,19 @@ class Executor:
         topo = self.topo
         if topo.next_rank is not None and (self.last_listens or topo.next_rank != topo.last_rank):
             self.p2p.isend_stop(topo.next_rank)
+        elif topo.next_rank is None and not topo.is_driver:  # a last stage's shard: its output goes to the driver
+            self.p2p.isend_stop(topo.driver_rank)
+
+    def _shards(self, unit, own):
+        """Driver, SP: every shard's last-block output of ``unit`` (its own first); None when a
+        shard sent STOP (then the driver stopped at this unit too)."""
+        outs, stopped = [own], False
+        for r in self.topo.sp_ranks[1:]:
+            try:
+                outs.append(self.p2p.irecv_tensor_dict(r).wait())
+            except PipelineStopped:
+                stopped = True
+        return None if stopped or own is None else outs
 
     # -- one pass ----------------------------------------------------------------------
     def run(self, plan: PassPlan):
@@ -68,6 +87,8 @@ class Executor:
         topo, p2p, tl = self.topo, self.p2p, self.timeline
         units = plan.for_pipeline(topo.cfg_rank if plan.pipelines > 1 else 0)
         first, last = topo.is_first, topo.is_last
+        sharded = topo.sp_size > 1 and bool(units) and units[0].shards > 1
+        shard_peer = sharded and last and not topo.is_driver  # sends its last-block output to the driver
         outs, pending, stopped = [], [], False
         ahead = p2p.irecv_tensor_dict(topo.prev_rank) if units and not first else None
         for n, unit in enumerate(units):
@@ -79,14 +100,28 @@ class Executor:
                     except PipelineStopped:  # the previous rank stopped: nothing more comes from it
                         if not stopped:
                             self._stop_next()
+                            if sharded and topo.is_driver:
+                                self._shards(unit, None)  # the shards stop at this unit too
                         return None, True
                 ahead = p2p.irecv_tensor_dict(topo.prev_rank) if n + 1 < len(units) else None
             if stopped:
                 continue  # receive what the previous rank still sends for this pass
+            entry = {**unit.entry(), "shard": topo.sp_rank} if sharded else unit.entry()
+            drained = False  # driver, SP: this unit's message of every shard received
             try:
-                with tl.span("compute", unit.label, unit.entry()):
+                with tl.span("compute", unit.label, entry):
                     out = self.forward(unit, state)
-                if last and unit.patches > 1:
+                if shard_peer:
+                    p2p.isend_tensor_dict(out, topo.driver_rank)
+                    continue
+                if last and sharded:
+                    with tl.span("wait", unit.label + " shards", entry):
+                        shards, drained = self._shards(unit, out), True
+                    if shards is None:
+                        raise StageCancelled()
+                    with tl.span("compute", unit.label + " head", {**entry, "head": True}):
+                        out = self.head(unit, shards)
+                elif last and unit.patches > 1:
                     # A copy: blocks that add in place (Flux's) return the received state's own
                     # buffer, which the next units' receives reuse.
                     pending.append({k: v.clone() for k, v in out.items()})
@@ -99,6 +134,8 @@ class Executor:
             except StageCancelled:
                 stopped = True
                 self._stop_next()
+                if sharded and topo.is_driver and not drained:
+                    self._shards(unit, None)  # the shards stopped at this block too: their STOPs
                 if first:
                     return None, True
                 continue
@@ -169,33 +206,32 @@ class Executor:
 
     # -- the pass channel: the last rank gives the other stages each pass ----------------
     def send_pass(self, msg: dict) -> None:
-        for r in self.topo.pp_ranks[:-1]:
+        for r in self.topo.pass_ranks:
             self.p2p.isend_tensor_dict(msg, r)
 
     def serve(self, on_pass) -> int:
-        """Not the last rank: ``on_pass(msg)`` for each pass the last rank sends (it returns
+        """Not the driver: ``on_pass(msg)`` for each pass the driver sends (it returns
         whether the run stopped during it), until its final STOP.  Returns the passes."""
         topo, p2p, passes = self.topo, self.p2p, 0
         try:
             while True:
                 self.timeline.step = passes
                 with self.timeline.span("wait", "pass", {"pass": True}):
-                    msg = p2p.irecv_tensor_dict(topo.last_rank).wait()  # PipelineStopped: sampling ended
+                    msg = p2p.irecv_tensor_dict(topo.driver_rank).wait()  # PipelineStopped: sampling ended
                 passes += 1
                 if on_pass(msg):
-                    # This run is over (cancelled): the last rank's final STOP ends the loop.
-                    p2p.irecv_tensor_dict(topo.last_rank).wait()
-                    raise RuntimeError("the last rank sent another pass after the run was cancelled")
+                    # This run is over (cancelled): the driver's final STOP ends the loop.
+                    p2p.irecv_tensor_dict(topo.driver_rank).wait()
+                    raise RuntimeError("the driver sent another pass after the run was cancelled")
         except PipelineStopped:
             return passes
         finally:
             p2p.flush()
 
     def end(self) -> None:
-        """Last rank: sampling is over; let the other stages of this pipeline go."""
-        if self.topo.pp_size > 1:
-            for r in self.topo.pp_ranks[:-1]:
-                self.p2p.isend_stop(r)
+        """Driver: sampling is over; let the other ranks of this pipeline go."""
+        for r in self.topo.pass_ranks:
+            self.p2p.isend_stop(r)
         if self.p2p is not None:
             self.p2p.flush()
 

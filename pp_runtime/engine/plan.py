@@ -36,6 +36,8 @@ class Unit:
     branch: tuple[int, ...]  # CFG branch of each row: cond (0), uncond (1)
     patch: int = -1  # token patch of the micro-batch, -1: its whole sequence
     patches: int = EXACT  # M (> 1) patches per micro-batch, EXACT, or FILL
+    shards: int = 1  # sequence parallelism: the unit's tokens cut in this many shards, one per SP
+    #                  rank of each stage (shard r on SP rank r; its self-attention sees every shard)
 
     @property
     def branch_name(self) -> str:
@@ -54,7 +56,8 @@ class Unit:
         """What a timeline span of this unit carries (the panel draws from it)."""
         return {"mb": self.index, "micro_batch": self.micro_batch, "branch": self.branch_name,
                 "pipeline": self.pipeline, "patch": self.patch + 1 if self.patches > 1 else None,
-                "patches": self.patches if self.patches > 1 else None}
+                "patches": self.patches if self.patches > 1 else None,
+                "shards": self.shards if self.shards > 1 else None}
 
 
 @dataclass(frozen=True)
@@ -121,25 +124,28 @@ class PassPlan:
     # -- as data -------------------------------------------------------------------------
     def to_data(self) -> dict:
         return {"stages": self.stages, "pipelines": self.pipelines, "rows": self.rows,
-                "units": [[u.index, u.pipeline, u.micro_batch, list(u.rows), list(u.branch), u.patch, u.patches]
-                          for u in self.units]}
+                "units": [[u.index, u.pipeline, u.micro_batch, list(u.rows), list(u.branch), u.patch, u.patches,
+                           u.shards] for u in self.units]}
 
     @classmethod
     def from_data(cls, data: dict) -> "PassPlan":
-        units = tuple(Unit(i, c, m, tuple(r), tuple(b), p, n) for i, c, m, r, b, p, n in data["units"])
+        units = tuple(Unit(i, c, m, tuple(r), tuple(b), p, n, s) for i, c, m, r, b, p, n, s in data["units"])
         return cls(int(data["stages"]), int(data["pipelines"]), int(data["rows"]), units)
 
 
 def plan_pass(branch: list[int] | tuple[int, ...], *, stages: int, pipelines: int = 1,
-              micro_batch_size: int = 1, patches: int = EXACT, order: list[int] | None = None) -> PassPlan:
+              micro_batch_size: int = 1, patches: int = EXACT, order: list[int] | None = None,
+              shards: int = 1) -> PassPlan:
     """The plan of a pass whose rows have the CFG branches ``branch`` (in row order).
 
     With one pipeline every row is its; with a CFG group of two, pipeline ``c`` computes
     the rows of branch ``c``.  A pipeline's rows are cut, in order (``order``: another
     order of the rows, e.g. items first for batched CFG), into micro-batches of
     ``micro_batch_size`` rows; with ``patches`` M > 1 each micro-batch is M units, one per
-    token patch.
+    token patch.  ``shards`` > 1: every unit runs on each SP rank of a stage, on its shard.
     """
+    if shards > 1 and patches > 1:
+        raise ValueError("sequence parallelism and patch pipelining do not combine: use one of them")
     if micro_batch_size < 1:
         raise ValueError(f"micro_batch_size must be >= 1, got {micro_batch_size}")
     if pipelines not in (1, 2):
@@ -152,6 +158,6 @@ def plan_pass(branch: list[int] | tuple[int, ...], *, stages: int, pipelines: in
         for m, a in enumerate(range(0, len(mine), micro_batch_size)):
             chunk = tuple(mine[a:a + micro_batch_size])
             for p in (range(patches) if patches > 1 else (-1,)):
-                units.append(Unit(index, c, m, chunk, tuple(branch[r] for r in chunk), p, patches))
+                units.append(Unit(index, c, m, chunk, tuple(branch[r] for r in chunk), p, patches, shards))
                 index += 1
     return PassPlan(stages, pipelines, len(branch), tuple(units))

@@ -1,10 +1,13 @@
 """Process topology: the world as a mesh of parallel degrees.
 
 One object per process derives everything from the degrees, in a fixed order
-(outermost first): ``("cfg", "pp")``.  Ranks along the innermost dimension are
-contiguous, so a pipeline is a run of consecutive ranks and a CFG group links the
-same stage of different pipelines.  More dimensions can be added to ``ORDER``
-without touching callers: they ask for ``group_ranks(dim)``, never compute ranks.
+(outermost first): ``("cfg", "pp", "sp")``.  Ranks along the innermost dimension are
+contiguous: the sequence-parallel (SP) ranks of one stage are neighbours, a pipeline is
+the ranks of one CFG index, a CFG group links the same stage and shard of different
+pipelines.  A pipeline with SP is ``sp`` lanes: each lane's stage ``s`` sends its shard of
+the hidden state to the lane's stage ``s+1``; the last stage's shards meet on the
+pipeline's *driver* (last stage, shard 0), the rank that runs ComfyUI's sampler.  Callers
+ask for ``group_ranks(dim)``, never compute ranks.
 """
 from __future__ import annotations
 
@@ -12,7 +15,7 @@ import itertools
 import math
 from dataclasses import dataclass, field
 
-ORDER = ("cfg", "pp")  # outermost -> innermost
+ORDER = ("cfg", "pp", "sp")  # outermost -> innermost
 
 
 class TopologyError(ValueError):
@@ -25,20 +28,26 @@ class Topology:
     rank: int = 0
 
     @classmethod
-    def build(cls, world_size: int, pp: int | None = None, cfg: int = 1, rank: int = 0) -> "Topology":
-        if cfg < 1:
-            raise TopologyError(f"cfg degree must be >= 1, got {cfg}")
+    def build(cls, world_size: int, pp: int | None = None, cfg: int = 1, rank: int = 0, sp: int = 1) -> "Topology":
+        if cfg < 1 or sp < 1:
+            raise TopologyError(f"cfg and sp degrees must be >= 1, got cfg {cfg}, sp {sp}")
         if pp is None:
-            if world_size % cfg:
+            if world_size % (cfg * sp):
                 raise TopologyError(
-                    f"CFG-parallel needs the number of devices ({world_size}) to be a multiple of {cfg}; "
-                    f"use an even number of devices or another CFG mode")
-            pp = world_size // cfg
-        if pp < 1 or pp * cfg != world_size:
-            raise TopologyError(f"pp {pp} x cfg {cfg} = {pp * cfg} processes, but the group has {world_size}")
+                    f"the number of devices ({world_size}) is not a multiple of cfg {cfg} x sequence parallel {sp}; "
+                    f"use {cfg * sp} or a multiple of it, or change the CFG mode or the layout")
+            pp = world_size // (cfg * sp)
+        if pp < 1 or pp * cfg * sp != world_size:
+            raise TopologyError(f"cfg {cfg} x pp {pp} x sp {sp} = {pp * cfg * sp} processes, "
+                                f"but the group has {world_size}")
         if not 0 <= rank < world_size:
             raise TopologyError(f"rank {rank} outside a world of {world_size}")
-        return cls({"cfg": cfg, "pp": pp}, rank)
+        return cls({"cfg": cfg, "pp": pp, "sp": sp}, rank)
+
+    @classmethod
+    def of_layout(cls, world_size: int, layout: dict, rank: int = 0) -> "Topology":
+        """The topology of a job's ``layout`` (``dict(topo.degrees)``)."""
+        return cls.build(world_size, pp=layout["pp"], cfg=layout.get("cfg", 1), rank=rank, sp=layout.get("sp", 1))
 
     # -- mesh arithmetic: the only place where ranks are computed -----------------
     @property
@@ -73,6 +82,11 @@ class Topology:
         rank = self.rank if rank is None else rank
         return next(g for g in self.all_groups(dim) if rank in g)
 
+    @property
+    def name(self) -> str:
+        """The layout in words: its degrees above 1 (``cfg2 x pp2 x sp2``; one device: ``pp1``)."""
+        return " x ".join(f"{d}{self.degrees[d]}" for d in ORDER if self.degrees[d] > 1) or "pp1"
+
     # -- what a rank asks ---------------------------------------------------------
     @property
     def coords(self) -> dict:
@@ -85,6 +99,18 @@ class Topology:
     @property
     def cfg_size(self) -> int:
         return self.degrees["cfg"]
+
+    @property
+    def sp_size(self) -> int:
+        return self.degrees["sp"]
+
+    @property
+    def sp_rank(self) -> int:
+        return self.coords["sp"]
+
+    @property
+    def sp_ranks(self) -> list[int]:
+        return self.group_ranks("sp")
 
     @property
     def pp_rank(self) -> int:
@@ -116,7 +142,28 @@ class Topology:
 
     @property
     def last_rank(self) -> int:
+        """The last stage of this rank's lane (the rank its lane's hidden state ends on)."""
         return self.pp_ranks[-1]
+
+    @property
+    def driver_rank(self) -> int:
+        """This pipeline's driver: last stage, shard 0 (it runs ComfyUI's sampler and makes
+        every pass; the shards of the last stage meet there)."""
+        return self.rank_of({**self.coords, "pp": self.pp_size - 1, "sp": 0})
+
+    @property
+    def is_driver(self) -> bool:
+        return self.rank == self.driver_rank
+
+    @property
+    def pipeline_ranks(self) -> list[int]:
+        """Every rank of this rank's pipeline (one CFG index): its stages x shards."""
+        return [r for r in range(self.world_size) if self.coords_of(r)["cfg"] == self.cfg_rank]
+
+    @property
+    def pass_ranks(self) -> list[int]:
+        """The ranks the driver sends each pass to: its pipeline but itself."""
+        return [r for r in self.pipeline_ranks if r != self.driver_rank]
 
     @property
     def prev_rank(self) -> int | None:
@@ -128,5 +175,5 @@ class Topology:
 
     @property
     def is_output_rank(self) -> bool:
-        """The one rank that reports results to the host: last stage of CFG pipeline 0."""
-        return self.is_last and self.cfg_rank == 0
+        """The one rank that reports results to the host: the driver of CFG pipeline 0."""
+        return self.is_driver and self.cfg_rank == 0

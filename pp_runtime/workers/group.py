@@ -340,13 +340,13 @@ class WorkerGroup:
             ranks.append({"rank": r, "device": dev, "name": info.get("name"), "node": info.get("node"),
                           "pid": info.get("pid") if self.alive else None,
                           "stage": done.get("stage"), "pp_rank": done.get("pp_rank"), "cfg_rank": done.get("cfg_rank"),
-                          "mem": done.get("mem") or info.get("mem"), "seconds": done.get("seconds"),
+                          "sp_rank": done.get("sp_rank"), "mem": done.get("mem") or info.get("mem"), "seconds": done.get("seconds"),
                           "loaded": done.get("loaded"), "passes": done.get("passes"), "comfy": done.get("comfy"),
                           "patch_pipelining": done.get("patch_pipelining")})
         step, total = self.progress if self.state == "running" and self.progress else (None, None)
         return {"devices": self.devices, "backend": self.backend, "state": self.state, "failure": self.failure,
-                "layout": last.get("layout"), "split": last.get("split"), "model": last.get("family"),
-                "progress": {"step": step, "total": total} if step is not None else None,
+                "layout": last.get("layout"), "layout_reason": last.get("layout_reason"), "split": last.get("split"),
+                "model": last.get("family"), "progress": {"step": step, "total": total} if step is not None else None,
                 "ranks": ranks}
 
     def _started(self) -> bool:
@@ -378,15 +378,15 @@ class WorkerGroup:
         to = spec.get("tensors_to", "all")
         layout = spec.get("layout")
         prefixes = tuple(spec.get("reuse_prefixes") or ())
-        topo = Topology.build(self.world, pp=layout["pp"], cfg=layout["cfg"]) if layout else None
+        topo = Topology.of_layout(self.world, layout) if layout else None
         if len(self._kept) != self.world:
             self._kept = [{} for _ in range(self.world)]
         encoded: dict[tuple, bytes] = {}
         sent = 0
         for r in range(self.world):
-            pp_rank = topo.coords_of(r)["pp"] if topo else 0
-            wants = (to == "all" or (to == "first" and pp_rank == 0)
-                     or (to == "last" and topo is not None and pp_rank == topo.pp_size - 1))
+            coords = topo.coords_of(r) if topo else {"pp": 0, "sp": 0}
+            wants = (to == "all" or (to == "first" and coords["pp"] == 0)  # "last": each pipeline's driver
+                     or (to == "last" and topo is not None and coords["pp"] == topo.pp_size - 1 and coords["sp"] == 0))
             shared = dict(tensors) if wants else {}
             kept = self._kept[r]
             stamps = {k: _stamp(v) for k, v in shared.items() if prefixes and k.startswith(prefixes)}
@@ -506,12 +506,14 @@ class WorkerGroup:
             host["done"] = time.monotonic()
             self.held = [ranks[r].get("held") or {} for r in range(self.world)]
         self.last_run = {"ranks": [ranks[r] for r in range(self.world)], "spans": spans, "host_phases": host,
-                         "layout": job.get("layout"), "split": job.get("split"), "family": job.get("family"),
+                         "layout": job.get("layout"), "layout_reason": job.get("layout_reason"),
+                         "split": job.get("split"), "family": job.get("family"),
                          "model": job.get("model"), "split_inputs": job.get("split_inputs"),
                          "finished": time.time()}
         if raised is not None:
             raise raised
         return {"latents": result, "interrupted": any(r["interrupted"] for r in ranks.values()),
+                "layout": job.get("layout"), "layout_reason": job.get("layout_reason"),
                 "ranks": [ranks[r] for r in range(self.world)], "spans": spans, "host_phases": host}
 
     def device_memory(self, caps: list[int] | None = None) -> list[int] | None:

@@ -221,7 +221,7 @@ class Worker:
         if job["kind"] == "comfy_sample":
             self.activity.set("starting", detail="(importing ComfyUI's model code)")
             import_comfy(self.device)
-        ctx = PPContext.for_layout(job["layout"]["pp"], job["layout"]["cfg"], self.device)
+        ctx = PPContext.for_layout(job["layout"]["pp"], job["layout"]["cfg"], self.device, job["layout"].get("sp", 1))
         ctx.p2p.watch = self.activity.waiting if ctx.p2p is not None else None
         caps = job.get("memory_caps") or []
         self.memory_cap = int(caps[self.rank]) if self.rank < len(caps) else 0
@@ -248,7 +248,8 @@ class Worker:
         runner = ComfyPipelineRunner(ctx, stage, job.get("micro_batch_size", 1), job.get("batched_cfg", False),
                                      cancelled=lambda: self.interrupt_job == job_id,
                                      options=job.get("carry", {}).get("transformer_options"),
-                                     on_block=self._on_block, pipelining=job.get("patch_pipelining"))
+                                     on_block=self._on_block, pipelining=job.get("patch_pipelining"),
+                                     sequence_exchange=job.get("sequence_exchange", "auto"))
 
         def on_step(i, total, x0):
             if topo.is_output_rank:
@@ -256,7 +257,7 @@ class Worker:
                                  x0 if job.get("stream_x0", True) else None)
 
         result, interrupted = None, False
-        if topo.is_last:
+        if topo.is_driver:
             try:
                 result = sample_on_last_rank(runner, stage, job, tensors, on_step,
                                              should_stop=lambda: self.interrupt_job == job_id)
@@ -268,7 +269,7 @@ class Worker:
         done = {"op": "done", "job": job_id, "interrupted": interrupted, **info, "held": self._held(job),
                 "seconds": time.perf_counter() - t_start, "spans": runner.timeline.take(wait=True),
                 "stage": list(stage.range), "pp_rank": topo.pp_rank, "cfg_rank": topo.cfg_rank,
-                "passes": runner.passes, "patched": weights_patched,
+                "sp_rank": topo.sp_rank, "passes": runner.passes, "patched": weights_patched,
                 "patch_pipelining": {"patched_passes": runner.patched_passes, "cache_bytes": stage.forward.kv.bytes(),
                                      "graphs": len(stage.forward.graphs.graphs),
                                      "graph_replays": stage.forward.graphs.replays,
