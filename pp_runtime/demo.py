@@ -59,6 +59,8 @@ def main(argv=None):
     ap.add_argument("--devices", default="cpu,cpu", help="the worker group's devices, e.g. cuda:0,cuda:1")
     ap.add_argument("--steps", type=int, default=4)
     ap.add_argument("--cfg-mode", default="sequential", help="as PP CFG Mode: auto, sequential, cfg_parallel, ...")
+    ap.add_argument("--sequence-parallel", type=int, default=None,
+                    help="as PP Parallel Layout: 2, 4 ... token shards (exact), 0 auto; not given: no layout node")
     args = ap.parse_args(argv)
 
     root = find_comfy_root()
@@ -94,15 +96,16 @@ def main(argv=None):
         try:
             job, tensors, rank_tensors = prepare_comfy_job(
                 group.world, model, pos, neg, latent, seed=seed, steps=args.steps, cfg=cfg, sampler_name=sampler,
-                scheduler=scheduler, cfg_mode={"mode": args.cfg_mode}, export_dir=tmp)
+                scheduler=scheduler, cfg_mode={"mode": args.cfg_mode}, export_dir=tmp,
+                layout=None if args.sequence_parallel is None else {"sequence_parallel": args.sequence_parallel})
         except JobError as e:
             print(f"PP KSampler refuses this job: {e}", file=sys.stderr)
             return 2
         cfg = job["sampling"]["cfg"]  # cfg mode 'off' samples one branch: cfg 1, for the stock path too
         print(f"model: {job['family']} (ComfyUI's stock loader, tiny random weights), {sum(job['split'])} blocks; "
               f"{sampler}/{scheduler}, {args.steps} steps, cfg {cfg}, seed {seed}")
-        print(f"group: {group.devices}; layout pp{job['layout']['pp']} x cfg{job['layout']['cfg']} "
-              f"(cfg mode {args.cfg_mode}); split {job['split']} blocks per stage")
+        print(f"group: {group.devices}; layout {job['layout_reason']} (cfg mode {args.cfg_mode}); "
+              f"split {job['split']} blocks per stage")
         try:
             t0 = time.perf_counter()
             group.start()

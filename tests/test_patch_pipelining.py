@@ -42,7 +42,7 @@ from pp_runtime.comfy.token_patches import PatchCall, PatchUnsupported, auto_cou
 from pp_runtime.comfy.staging import StageForward, block_modules  # noqa: E402
 from test_staging import clone, recorded_calls  # noqa: E402
 
-SUPPORTED = ["flux1_dev", "flux1_kontext", "flux2", "chroma", "wan21_t2v", "wan21_i2v", "wan22_ti2v_5b", "lumina2", "z_image",
+SUPPORTED = ["flux1_dev", "flux1_kontext", "flux2", "chroma", "wan21_t2v", "wan21_i2v", "wan22_ti2v_5b", "lumina2", "z_image", "ltxv",
              "hunyuan_video", "hunyuan_video15", "qwen_image", "qwen_image_edit"]
 # Flux with 8 text and 64 image tokens: 4 patches of one shape, so the last rank's receive
 # buffers are reused within a pass (Flux's blocks add in place: a kept patch output that is

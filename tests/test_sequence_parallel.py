@@ -32,7 +32,7 @@ TOL = 1e-5
 STEPS = 3
 EXPORTS = tempfile.mkdtemp(prefix="pp-sp-test-")
 FAMILIES = ["flux1_dev", "flux1_kontext", "flux2", "chroma", "wan21_t2v", "wan21_i2v", "wan22_ti2v_5b",
-            "hunyuan_video", "hunyuan_video15", "qwen_image", "qwen_image_edit", "lumina2", "z_image"]
+            "hunyuan_video", "hunyuan_video15", "qwen_image", "qwen_image_edit", "lumina2", "z_image", "ltxv"]
 # Token counts an even degree does not divide: Flux 7 text + 25 image tokens, Wan 3 frames of 5x5.
 UNEVEN = {"flux1_dev": dict(latent=(1, 16, 10, 10), context=(7, 32)),
           "wan21_t2v": dict(latent=(1, 16, 3, 10, 10), context=(7, 4096)),
@@ -117,6 +117,18 @@ def test_per_frame_timesteps_are_cut_with_the_shard(group2):
     res, _ = _pp(group2, model, pos, neg, lat, 1.0, 2, noise_mask=mask)
     rel = _rel(res["latents"], ref)
     print(f"wan22 ti2v per-frame timesteps sp2: rel-L2 {rel:.2e}")
+    assert rel <= TOL
+
+
+def test_per_token_timesteps_are_cut_with_the_shard(group2):
+    """LTXV with a first-frame noise mask: one timestep row per token in every block."""
+    case, model, (pos, neg), lat = _inputs("ltxv", latent=(1, 128, 3, 3, 3))
+    mask = torch.ones(1, 1, 3, 3, 3)
+    mask[:, :, 0] = 0.0
+    ref = _stock(model, pos, neg, lat, 3.0, noise_mask=mask)
+    res, _ = _pp(group2, model, pos, neg, lat, 3.0, 2, noise_mask=mask)
+    rel = _rel(res["latents"], ref)
+    print(f"ltxv per-token timesteps sp2: rel-L2 {rel:.2e}")
     assert rel <= TOL
 
 
@@ -220,7 +232,7 @@ def test_a_killed_shard_fails_the_prompt_naming_it_then_the_next_works():
 
 @pytest.mark.parametrize("name,kw,world,message", [
     ("sd3", {}, 2, "sequence parallelism has no entry for MMDiT"),
-    ("ltxv", {}, 2, "sequence parallelism has no entry for LTXV"),
+    ("ltx2_av", {}, 2, "sequence parallelism cannot run LTXAVModel"),
     ("minimax_h3", {}, 2, "sequence parallelism has no entry for MiniMaxH3"),
     ("wan21_vace", {}, 2, "sequence parallelism cannot run VaceWanModel"),
     ("wan21_t2v", {}, 3, "sequence_parallel 2 does not divide the group's 3 devices"),

@@ -67,10 +67,14 @@ FAMILIES = (
                                                   "ref_latents", "its reference tokens get their own timestep "
                                                   "inside each block"),))),
     # comfy/ldm/lightricks/model.py, av_model.py (LTX-2: "img" is the (video, audio) pair)
+    # (token cut: LTXV only, not LTX-2's audio-video pair; "vec" has one row per token when frames are
+    # conditioned (keyframes, guides), the guides' self-attention mask one row per query)
     Family("LTXV", ("comfy.ldm.lightricks.model:LTXVModel",),
-           (BlockList("transformer_blocks", "double_block", ("img",)),),
+           (BlockList("transformer_blocks", "double_block", ("img",), joint=("img",)),),
            head=("norm_out", "proj_out", "scale_shift_table", "audio_norm_out", "audio_proj_out",
-                 "audio_scale_shift_table")),
+                 "audio_scale_shift_table"),
+           patches=PatchSpec(positional=(("pe", 1),), per_token=(("vec", 1, ""),),
+                             classes=("comfy.ldm.lightricks.model:LTXVModel",))),
     # comfy/ldm/minimax/model.py (MiniMax-H3 video+audio, ComfyUI >= 0.33; absent from older ones, which
     # _cls skips): one packed stream [tokens, hidden] (text | keyframe/reference rows | audio | video),
     # no batch dim, batch 1: ComfyUI never batches cond and uncond (each cond's minimax_payload holds

@@ -365,16 +365,31 @@ class StageForward:
                                        f"block input '{name}': {self._off()}")
         for name, dim in spec.positional:
             t = args.get(name)
-            if torch.is_tensor(t):
-                if t.shape[dim] != p.total:
-                    raise PatchUnsupported(f"{self.family.name}'s '{name}' covers {t.shape[dim]} tokens, the "
-                                           f"sequence {p.total}: {self._what()} cannot cut it; {self._off()}")
-                args[name] = take(t, dim, p.spans)
+            if torch.is_tensor(t) or (isinstance(t, (tuple, list)) and any(torch.is_tensor(e) for e in t)):
+                args[name] = self._cut_positional(name, t, dim)
         for name, dim, spread in spec.per_token:
             t = args.get(name)
-            if torch.is_tensor(t) and t.dim() > dim and t.shape[dim] > 1:
+            if not (torch.is_tensor(t) and t.dim() > dim and t.shape[dim] > 1):
+                continue
+            if spread:  # one row per group of tokens (a frame's): each token's row, then cut
                 args[name] = t.index_select(dim, self._token_groups(name, spread, t.shape[dim], p).to(t.device))
+            elif t.shape[dim] == p.total:  # one row per token
+                args[name] = take(t, dim, p.spans)
+            else:
+                raise PatchUnsupported(f"{self.family.name}'s '{name}' has {t.shape[dim]} rows for {p.total} tokens: "
+                                       f"{self._what()} cannot cut it; {self._off()}")
         return args
+
+    def _cut_positional(self, name: str, t, dim: int):
+        """A position table (a tensor, or a tuple of them as LTXV's (rotations, split flag)) cut to
+        this patch's / shard's tokens."""
+        if isinstance(t, (tuple, list)):
+            return type(t)(self._cut_positional(name, e, dim) if torch.is_tensor(e) else e for e in t)
+        p = self._pass
+        if t.shape[dim] != p.total:
+            raise PatchUnsupported(f"{self.family.name}'s '{name}' covers {t.shape[dim]} tokens, the "
+                                   f"sequence {p.total}: {self._what()} cannot cut it; {self._off()}")
+        return take(t, dim, p.spans)
 
     def _token_groups(self, name: str, spread: str, groups: int, p) -> torch.Tensor:
         """For each token of this pass's patch or shard, the row of a per-group block argument

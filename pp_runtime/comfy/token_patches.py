@@ -46,7 +46,8 @@ class PatchSpec:
     unsupported_inputs: tuple[tuple[str, str, str, str, str], ...] = ()
     # block arguments with one row per group of tokens (Wan 2.2 ti2v's per-frame modulation):
     # (name, dim, "module:function": ComfyUI's own function that spreads it over the tokens as the
-    # block does, ``f(value, hidden)``); cut to the patch's tokens once spread
+    # block does, ``f(value, hidden)``); cut to the patch's tokens once spread.  "" for a function:
+    # one row per token (cut as is) or one for all (left whole), as LTXV's timestep modulation
     per_token: tuple[tuple[str, int, str], ...] = ()
 
 
