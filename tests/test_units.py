@@ -19,6 +19,24 @@ def test_topology_pp2_cfg2():
     assert [Topology.build(3, rank=r).coords for r in range(3)] == [{"cfg": 0, "pp": p, "sp": 0} for p in range(3)]
 
 
+def test_sequence_parallel_topology():
+    """cfg2 x pp2 x sp2: sp innermost, lanes hop stage to stage, shards meet on the driver."""
+    t = Topology.build(8, pp=2, cfg=2, sp=2, rank=7)
+    assert t.coords == {"cfg": 1, "pp": 1, "sp": 1} and t.sp_ranks == [6, 7] and t.pp_ranks == [5, 7]
+    assert t.cfg_ranks == [3, 7] and t.prev_rank == 5 and t.driver_rank == 6 and not t.is_driver
+    assert t.pipeline_ranks == [4, 5, 6, 7] and t.pass_ranks == [4, 5, 7] and t.name == "cfg2 x pp2 x sp2"
+    assert [r for r in range(8) if Topology.build(8, pp=2, cfg=2, sp=2, rank=r).is_output_rank] == [2]
+    assert Topology.of_layout(4, {"pp": 1, "cfg": 1, "sp": 4}, rank=0).sp_ranks == [0, 1, 2, 3]
+    assert Topology.of_layout(2, {"pp": 2, "cfg": 1}).degrees == {"cfg": 1, "pp": 2, "sp": 1}  # an older job
+    with pytest.raises(TopologyError, match="not a multiple of 4"):
+        Topology.build(6, cfg=2, sp=2)
+    from pp_runtime.engine.plan import PassPlan, plan_pass
+    plan = plan_pass([0, 1], stages=2, shards=2)  # the shards: one field of every unit, carried as data
+    assert all(u.shards == 2 for u in plan.units) and PassPlan.from_data(plan.to_data()) == plan
+    with pytest.raises(ValueError, match="do not combine"):
+        plan_pass([0], stages=2, shards=2, patches=4)
+
+
 def test_topology_errors():
     with pytest.raises(TopologyError, match="multiple of 2"):
         Topology.build(3, cfg=2)

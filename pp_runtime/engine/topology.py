@@ -34,11 +34,12 @@ class Topology:
         if pp is None:
             if world_size % (cfg * sp):
                 raise TopologyError(
-                    f"the number of devices ({world_size}) is not a multiple of cfg {cfg} x sequence parallel {sp}; "
-                    f"use {cfg * sp} or a multiple of it, or change the CFG mode or the layout")
+                    f"the number of devices ({world_size}) is not a multiple of {cfg * sp} (cfg {cfg} x sequence "
+                    f"parallel {sp}); use a multiple of {cfg * sp} devices, or change the CFG mode or the layout")
             pp = world_size // (cfg * sp)
         if pp < 1 or pp * cfg * sp != world_size:
-            raise TopologyError(f"cfg {cfg} x pp {pp} x sp {sp} = {pp * cfg * sp} processes, "
+            shards = f" x sp {sp}" if sp > 1 else ""
+            raise TopologyError(f"pp {pp} x cfg {cfg}{shards} = {pp * cfg * sp} processes, "
                                 f"but the group has {world_size}")
         if not 0 <= rank < world_size:
             raise TopologyError(f"rank {rank} outside a world of {world_size}")
