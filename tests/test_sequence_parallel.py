@@ -107,28 +107,20 @@ def test_uneven_shards_are_exact(group2, name):
     assert rel <= TOL
 
 
-def test_per_frame_timesteps_are_cut_with_the_shard(group2):
-    """Wan 2.2 ti2v with a first-frame noise mask: one timestep per frame, so the blocks'
-    modulation has a row per frame, spread over the tokens inside the block."""
-    case, model, (pos, neg), lat = _inputs("wan22_ti2v_5b", latent=(1, 48, 3, 10, 10))
-    mask = torch.ones(1, 1, 3, 10, 10)
+@pytest.mark.parametrize("name,latent,cfg", [
+    ("wan22_ti2v_5b", (1, 48, 3, 10, 10), 1.0),  # one timestep per frame: the blocks' modulation has a row
+    #                                              per frame, spread over the frame's tokens inside the block
+    ("ltxv", (1, 128, 3, 3, 3), 3.0),            # one timestep row per token in every block
+])
+def test_per_frame_and_per_token_timesteps_are_cut_with_the_shard(group2, name, latent, cfg):
+    """A first-frame noise mask gives the frames their own timesteps."""
+    case, model, (pos, neg), lat = _inputs(name, latent=latent)
+    mask = torch.ones(1, 1, *latent[2:])
     mask[:, :, 0] = 0.0
-    ref = _stock(model, pos, neg, lat, 1.0, noise_mask=mask)
-    res, _ = _pp(group2, model, pos, neg, lat, 1.0, 2, noise_mask=mask)
+    ref = _stock(model, pos, neg, lat, cfg, noise_mask=mask)
+    res, _ = _pp(group2, model, pos, neg, lat, cfg, 2, noise_mask=mask)
     rel = _rel(res["latents"], ref)
-    print(f"wan22 ti2v per-frame timesteps sp2: rel-L2 {rel:.2e}")
-    assert rel <= TOL
-
-
-def test_per_token_timesteps_are_cut_with_the_shard(group2):
-    """LTXV with a first-frame noise mask: one timestep row per token in every block."""
-    case, model, (pos, neg), lat = _inputs("ltxv", latent=(1, 128, 3, 3, 3))
-    mask = torch.ones(1, 1, 3, 3, 3)
-    mask[:, :, 0] = 0.0
-    ref = _stock(model, pos, neg, lat, 3.0, noise_mask=mask)
-    res, _ = _pp(group2, model, pos, neg, lat, 3.0, 2, noise_mask=mask)
-    rel = _rel(res["latents"], ref)
-    print(f"ltxv per-token timesteps sp2: rel-L2 {rel:.2e}")
+    print(f"{name} per-frame timesteps sp2: rel-L2 {rel:.2e}")
     assert rel <= TOL
 
 

@@ -99,31 +99,27 @@ def latents(srv, res) -> torch.Tensor:
                       if srv.latent_files(res.prompt_id, node)])
 
 
-@pytest.mark.parametrize("name", [c.name for c in zoo.CASES])
-def test_family_stock_vs_pp(srv, name):
+def _stock_vs_pp(srv, name: str, layouts: dict, what: str) -> None:
+    """The stock graph against PP KSampler in each of ``layouts``: relative L2 <= TOL each."""
     case = zoo.BY_NAME[name]
     blocks = zoo.num_blocks(case)
     stock = latents(srv, run_ok_or_fail(srv, graph(srv, case, "stock", None, blocks), 240))
     assert torch.isfinite(stock).all() and stock.abs().max() > 0.1
     report = []
-    for layout in LAYOUTS:
+    for layout in layouts:
         pp = latents(srv, run_ok_or_fail(srv, graph(srv, case, layout, layout, blocks), 240))
         rel = ((pp - stock).norm() / stock.norm()).item()
         report.append(f"{layout} {rel:.1e}")
         assert rel <= TOL, f"{name} {layout}: relative L2 {rel:.2e} against the stock KSampler"
-    print(f"[{name}] {'file' if case.detectable else 'PPTestModel'}, {blocks} blocks: " + ", ".join(report))
+    print(f"[{name}] {what}, {blocks} blocks: " + ", ".join(report))
+
+
+@pytest.mark.parametrize("name", [c.name for c in zoo.CASES])
+def test_family_stock_vs_pp(srv, name):
+    _stock_vs_pp(srv, name, LAYOUTS, "file" if zoo.BY_NAME[name].detectable else "PPTestModel")
 
 
 @pytest.mark.parametrize("name", [n for n in SP_FAMILIES if n in zoo.BY_NAME])
 def test_family_stock_vs_sequence_parallel(srv, name):
     """PP KSampler with a PP Parallel Layout (sequence parallelism): exact as the stock KSampler."""
-    case = zoo.BY_NAME[name]
-    blocks = zoo.num_blocks(case)
-    stock = latents(srv, run_ok_or_fail(srv, graph(srv, case, "stock", None, blocks), 240))
-    report = []
-    for layout in SP_LAYOUTS:
-        pp = latents(srv, run_ok_or_fail(srv, graph(srv, case, layout, layout, blocks), 240))
-        rel = ((pp - stock).norm() / stock.norm()).item()
-        report.append(f"{layout} {rel:.1e}")
-        assert rel <= TOL, f"{name} {layout}: relative L2 {rel:.2e} against the stock KSampler"
-    print(f"[{name}] sequence parallel, {blocks} blocks: " + ", ".join(report))
+    _stock_vs_pp(srv, name, SP_LAYOUTS, "sequence parallel")

@@ -173,8 +173,8 @@ def plan_patch_pipelining(settings: dict | None, diffusion_model, pp: int) -> di
     return {"count": count, "warmup": warmup}
 
 
-def layout_of(world: int, model, samples, profile: dict, cfg_mode: str, do_cfg: bool, choice: LayoutChoice | None,
-              device_memory: list[int] | None, rows: int, patch_pipelining) -> tuple:
+def layout_of(world: int, model, profile: dict, cfg_mode: str, do_cfg: bool, choice: LayoutChoice | None,
+              device_memory: list[int] | None, reserve: int, patch_pipelining) -> tuple:
     """(topology, why) of a job: today's (CFG mode only) without a PP Parallel Layout; its
     sequence-parallel degree; or for ``sequence_parallel`` 0 the cost model's pick
     (``engine.layout.auto_layout``) from the devices' memory and the model's size."""
@@ -184,8 +184,6 @@ def layout_of(world: int, model, samples, profile: dict, cfg_mode: str, do_cfg: 
     if patch_pipelining and patch_pipelining.get("enabled", True):
         refused = refused or "sequence parallelism and patch pipelining do not combine: disconnect one of them"
     if sp == 0:
-        reserve = int(model.model.memory_required([rows] + list(samples.shape[1:])))  # ComfyUI's own estimate
-
         def stage_bytes(pp: int) -> int:  # the largest stage of the balanced split, with the activations
             if pp > profile["num_blocks"]:
                 return 1 << 62  # more stages than blocks: no such layout
@@ -233,19 +231,18 @@ def prepare_comfy_job(world: int, model, positive, negative, latent: dict, *, se
     if mode == "off":
         cfg = 1.0  # one branch: ComfyUI itself skips the uncond pass at cfg 1
     do_cfg = cfg != 1.0
-    rows = micro_batch_size if mode != "batched" else 2 * micro_batch_size
-    layout_choice = layout
-    topo, reason = layout_of(world, model, samples, profile, mode, do_cfg, layout, device_memory, rows,
-                             patch_pipelining)
-    layout = dict(topo.degrees)
-    exchange = (layout_choice or {}).get("attention_exchange", "auto")
+    exchange = (layout or {}).get("attention_exchange", "auto")
     if exchange not in EXCHANGES:
         raise JobError(f"attention_exchange '{exchange}' is unknown; use one of {', '.join(EXCHANGES)}")
+    rows = micro_batch_size if mode != "batched" else 2 * micro_batch_size
+    activations = int(model.model.memory_required([rows] + list(samples.shape[1:])))  # ComfyUI's own estimate
+    topo, reason = layout_of(world, model, profile, mode, do_cfg, layout, device_memory, activations,
+                             patch_pipelining)
+    layout = dict(topo.degrees)
     capacities = reserve = None
     if device_memory is not None and split["strategy"] == "by_memory":
         # per pipeline stage: the smallest of its devices (one per CFG pipeline)
-        capacities = stage_capacities(topo, device_memory)
-        reserve = int(model.model.memory_required([rows] + list(samples.shape[1:])))  # ComfyUI's own estimate
+        capacities, reserve = stage_capacities(topo, device_memory), activations
     try:
         sp = split_blocks(split["strategy"], profile["num_blocks"], layout["pp"], costs=profile["costs"],
                           block_bytes=profile["block_bytes"], first_bytes=profile["first_bytes"],

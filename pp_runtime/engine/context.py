@@ -2,9 +2,9 @@
 
 ``PPContext`` is the communication object a rank hands to the mixins: its topology,
 the tensor-dict channels between pipeline neighbours, the CFG groups and the
-sequence-parallel groups (device and CPU each).  All ranks must create contexts for the same layouts in the same order
-(``torch.distributed.new_group`` is collective), which the worker guarantees by
-running the same job on every rank.
+sequence-parallel groups (device and CPU each).  All ranks must create contexts for the
+same layouts in the same order (``torch.distributed.new_group`` is collective), which the
+worker guarantees by running the same job on every rank.
 """
 from __future__ import annotations
 
@@ -16,6 +16,18 @@ from .topology import Topology
 
 _CONTEXTS: dict[tuple, "PPContext"] = {}
 _SHARED: dict[str, object] = {}
+
+
+def _groups(topo: Topology, dim: str, rank: int):
+    """(device group, gloo CPU group) of this rank along ``dim``; (None, None) at degree 1.
+    Collective: every rank creates every group of the dimension, in the same order."""
+    mine = (None, None)
+    if topo.degrees[dim] > 1:
+        for ranks in topo.all_groups(dim):
+            pair = (dist.new_group(ranks), dist.new_group(ranks, backend="gloo"))
+            if rank in ranks:
+                mine = pair
+    return mine
 
 
 class PPContext:
@@ -45,18 +57,8 @@ class PPContext:
                 _SHARED["header"] = dist.new_group(backend="gloo")
                 _SHARED["schema"] = dist.new_group(backend="gloo")
             p2p = TensorDictP2P(device, dist.group.WORLD, _SHARED["header"], _SHARED["schema"])
-            cfg_group = cfg_cpu = None
-            for ranks in topo.all_groups("cfg"):
-                g = dist.new_group(ranks) if cfg > 1 else None
-                c = dist.new_group(ranks, backend="gloo") if cfg > 1 else None
-                if rank in ranks:
-                    cfg_group, cfg_cpu = g, c
-            sp_group = sp_cpu = None
-            for ranks in topo.all_groups("sp"):
-                g = dist.new_group(ranks) if sp > 1 else None
-                c = dist.new_group(ranks, backend="gloo") if sp > 1 else None
-                if rank in ranks:
-                    sp_group, sp_cpu = g, c
+            cfg_group, cfg_cpu = _groups(topo, "cfg", rank)
+            sp_group, sp_cpu = _groups(topo, "sp", rank)
             _CONTEXTS[key] = cls(topo, device, p2p, cfg_group, cfg_cpu, sp_group, sp_cpu)
             _CONTEXTS[key].warm_up()
         return _CONTEXTS[key]
