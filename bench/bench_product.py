@@ -51,6 +51,7 @@ MODELS = {
     "flux": ("Flux.1 dev (12B)", (1, 16, 128, 128), (512, 4096), {"pooled_output": (1, 768), "guidance": 3.5},
              3.5, 20),
     "wan14b": ("Wan 2.1 t2v 14B", (1, 16, 9, 60, 104), (512, 4096), {}, 5.0, 8),
+    "wan14b_720p": ("Wan 2.1 t2v 14B", (1, 16, 21, 90, 160), (512, 4096), {}, 5.0, 8),  # 1280x720 x 81 frames
     # an empty 480x832 x 33-frame video + audio latent (MiniMaxH3AV makes the audio part from it)
     "h3": ("MiniMax-H3 (33B)", (1, 32, 9, 30, 52), (256, 5120), {"minimax_token_tags": "tags"}, 5.0, 8),
 }
@@ -214,7 +215,7 @@ def run_stock(model, spec, cfg, batch, steps, seed, clock, label):
 
 
 def run_pp(pp_nodes, model, group, spec, cfg, batch, steps, seed, clock, label, split="balanced", mode="sequential",
-           manual="", patches=None):
+           manual="", patches=None, layout=None):
     import torch
     latent = {"samples": torch.zeros((batch,) + tuple(spec[1][1:]))}
     pos, neg = conditioning(spec)
@@ -222,7 +223,7 @@ def run_pp(pp_nodes, model, group, spec, cfg, batch, steps, seed, clock, label, 
     out = pp_nodes.pp_sample(model, group, pos, neg, latent, seed=seed, steps=steps, cfg=cfg, sampler_name="euler",
                              scheduler="simple", denoise=1.0, split={"strategy": split, "manual": manual},
                              cfg_mode={"mode": mode, "cfg_normalize": False},
-                             patch_pipelining=patches)[0]["samples"]
+                             patch_pipelining=patches, layout=layout)[0]["samples"]
     t1 = time.perf_counter()
     shared_group = registry().shared_group
     g = shared_group(group["devices"])
@@ -234,17 +235,21 @@ def run_pp(pp_nodes, model, group, spec, cfg, batch, steps, seed, clock, label, 
         t_run = host["run"]
         phases = {"host_dispatch_ms": (host["dispatched"] - t_run) * 1e3,
                   "worker_received_ms": [((r["phases"]["received"] or t_run) - t_run) * 1e3 for r in ranks],
+                  "worker_imported_ms": [((r["phases"].get("imported") or t_run) - t_run) * 1e3 for r in ranks],
+                  "worker_context_ms": [((r["phases"].get("started") or t_run) - t_run) * 1e3 for r in ranks],
                   "worker_placed_ms": [(r["phases"]["placed"] - t_run) * 1e3 for r in ranks],
                   "first_pass_ms": [((r["phases"]["first_pass"] or t_run) - t_run) * 1e3 for r in ranks],
                   "host_first_step_ms": ((host.get("first_step") or t_run) - t_run) * 1e3,
                   "host_done_after_last_step_ms": (host["done"] - (host.get("last_step") or host["done"])) * 1e3,
                   "sent_bytes": host.get("sent_bytes")}
     return out, summarize(label, t0, t1, steps, clock.times, {
-        "split": last.get("split"), "layout": last.get("layout"), "phases": phases,
+        "split": last.get("split"), "layout": last.get("layout"), "layout_reason": last.get("layout_reason"),
+        "phases": phases,
         "timeline": timeline_summary(last.get("spans") or [], len(ranks)),
         "peak_bytes_per_rank": [(r.get("mem") or {}).get("peak") for r in ranks],
         "patch_pipelining": [r.get("patch_pipelining") for r in ranks] if patches else None,
-        "loaded": [r.get("loaded") for r in ranks]})
+        "loaded": [r.get("loaded") for r in ranks], "load_seconds": [r.get("load_seconds") for r in ranks],
+        "load_phases": [r.get("load_phases") for r in ranks], "patch_seconds": [r.get("patch_seconds") for r in ranks]})
 
 
 def timeline_summary(all_spans, world) -> list:
@@ -282,7 +287,8 @@ def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--devices", default="cuda:0,cuda:1")
     ap.add_argument("--model", choices=list(MODELS), default="flux")
-    ap.add_argument("--variants", default="core", help="core, patches, legacy, extras, consumer (comma-separated)")
+    ap.add_argument("--variants", default="core",
+                    help="core, sp, patches, legacy, extras, consumer, stockloader (comma-separated)")
     ap.add_argument("--steps", type=int, default=None)
     ap.add_argument("--repeat", type=int, default=1, help="timed prompts per variant (after one warm-up)")
     ap.add_argument("--pack-root", default=str(ROOT), help="the pack to measure (--legacy-tree: an older one)")
@@ -322,7 +328,8 @@ def main(argv=None):
 
     # -- the model file (released size, random bf16 weights) --------------------------------
     os.makedirs(args.model_dir, exist_ok=True)
-    path = os.path.join(args.model_dir, f"{'smoke_' if smoke else ''}{args.model}_{args.file_dtype}.safetensors")
+    file_model = "wan14b" if args.model == "wan14b_720p" else args.model  # one file, two sizes of video
+    path = os.path.join(args.model_dir, f"{'smoke_' if smoke else ''}{file_model}_{args.file_dtype}.safetensors")
     if not os.path.exists(path):
         t = time.perf_counter()
         if smoke:
@@ -342,7 +349,7 @@ def main(argv=None):
               "file_dtype": args.file_dtype, "dynamic_vram": dynamic}
     V = result["variants"]
     wanted = set(args.variants.split(","))
-    key = args.model if args.model in ("flux", "h3") else "wan14b"
+    key = args.model if not smoke or args.model in SMOKES else "wan14b"
     P = f"pp{world}"  # every GPU one stage; CP: CFG-parallel, 2 pipelines of world/2 stages
     CP = "cfgpar2" if world == 2 else f"pp{world // 2}xcfg2"
     seed = 3
@@ -364,7 +371,7 @@ def main(argv=None):
     # -- stock -----------------------------------------------------------------------------
     stock = {}
     core = "core" in wanted
-    if not args.only_pp and (core or "patches" in wanted):
+    if not args.only_pp and (core or "patches" in wanted or "sp" in wanted):
         log("stock KSampler (ComfyUI's loader and sampling, this process, first GPU):")
         t_load = time.perf_counter()
         model = comfy.sd.load_diffusion_model(path)
@@ -385,7 +392,7 @@ def main(argv=None):
 
     # -- PP KSampler --------------------------------------------------------------------------
     pp = {}
-    if core or args.only_pp or "patches" in wanted:
+    if core or args.only_pp or "patches" in wanted or "sp" in wanted:
         log(f"PP KSampler ({args.pack_root}) on {devices}:")
         model_pp = cb.load_on_disk(path)
         group = {"devices": devices.split(","), "backend": "local", "residency": "keep", "memory_cap_gb": ""}
@@ -393,7 +400,9 @@ def main(argv=None):
                 (CP, cfg_scale, 1, "balanced", "cfg_parallel"), (f"{P}_b2_seqcfg", cfg_scale, 2, "balanced",
                                                                   "sequential"),
                 (f"{P}_seqcfg_by_memory", cfg_scale, 1, "by_memory", "sequential")]
-        if args.only_pp or not core or world == 1:
+        if not core and "patches" not in wanted and not args.only_pp:
+            plan = []  # sequence parallelism alone
+        elif args.only_pp or not core or world == 1:
             plan = plan[:3] if world >= 4 else plan[:2]  # PP2 x CFG2: the exact reference of its patches
         if world == 1:  # the first prompt on a started group: placement and a 2-step prompt
             shared_group = registry().shared_group
@@ -408,6 +417,8 @@ def main(argv=None):
             pp[label] = timed(lambda **k: run_pp(pp_nodes, model_pp, group, spec, k["cfg"], k["batch"], k["steps"], seed,
                                                  clock, k["label"], split=k["split"], mode=k["mode"]),
                               label, cfg=c, batch=b, split=split, mode=mode, steps=steps)
+        if "sp" in wanted:
+            sp_variants(result, pp, pp_nodes, model_pp, group, spec, cfg_scale, steps, seed, clock, world, timed)
         if "patches" in wanted:
             patch_variants(result, pp, pp_nodes, model_pp, group, spec, cfg_scale, steps, seed, clock, P, CP, timed)
         shared_group = registry().shared_group
@@ -421,6 +432,8 @@ def main(argv=None):
              **{f"{key}_{P}_patches{n}_seqcfg": ("stock_cfg", f"{P}_patches{n}_seqcfg") for n in (2, 3, 4, 6, 8, 12)},
              f"{key}_{CP}": ("stock_cfg", CP), f"{key}_{CP}_patches": ("stock_cfg", f"{CP}_patches"),
              f"{key}_{P}_b2_seqcfg": ("stock_b2_cfg", f"{P}_b2_seqcfg")}
+    pairs.update({f"{key}_{label}": (("stock_cfg1" if label.endswith("_cfg1") else "stock_cfg"), label)
+                  for label in result.get("sp_variants", [])})
     for name, (s, p) in pairs.items():
         if s in V and p in V:
             result["ratios"][name] = V[s]["wall_s"] / V[p]["wall_s"]
@@ -510,6 +523,46 @@ def stock_loader_model(result, pp_nodes, path, spec, devices, cfg_scale, steps, 
         "host_weights_left": sum(p.numel() for p in base.model.diffusion_model.parameters() if not p.is_meta)}
     log("stock-loader MODEL:", json.dumps(result["extras"]["stockloader"], default=str))
     mm.unload_all_models()
+
+
+# -- sequence parallelism (exact): the layouts of the PP Parallel Layout node ------------------------
+def sp_layouts(world: int) -> list[tuple[str, float | None, str, int]]:
+    """(label, cfg (None: the model's), CFG mode, sequence_parallel) for the layouts that fit
+    ``world`` devices: every GPU a shard (sp), two stages of shards (pp2 x sp), CFG-parallel
+    pipelines of shards (cfg2 x sp, cfg2 x pp2 x sp), sequential CFG on shards, and the auto
+    layout (sequence_parallel 0) at cfg 1 and with CFG."""
+    out = []
+    if world >= 2:
+        out += [(f"sp{world}_cfg1", 1.0, "sequential", world), (f"sp{world}_seqcfg", None, "sequential", world)]
+    if world >= 4:
+        out += [(f"pp2xsp{world // 2}_cfg1", 1.0, "sequential", world // 2),
+                (f"cfg2xsp{world // 2}", None, "cfg_parallel", world // 2)]
+    if world >= 8:
+        out += [(f"cfg2xpp2xsp{world // 4}", None, "cfg_parallel", world // 4)]
+    if world >= 2:
+        out += [("auto_cfg1", 1.0, "auto", 0), ("auto_cfg", None, "auto", 0)]
+    return out
+
+
+def sp_variants(result, pp, pp_nodes, model_pp, group, spec, cfg_scale, steps, seed, clock, world, timed):
+    """PP KSampler with the PP Parallel Layout node's layouts (``sp_layouts``), timed like the
+    exact variants, against stock at the same CFG; the layout each ran (and the auto layout's
+    reason) and every worker's peak memory are in the variant."""
+    layouts = sp_layouts(world)
+    if not layouts:
+        log(f"sequence parallelism needs 2+ devices (here {world}): no sp variants")
+        return
+    log("PP KSampler with sequence parallelism (PP Parallel Layout):")
+    result["sp_variants"] = []
+    for label, c, mode, degree in layouts:
+        choice = {"sequence_parallel": degree, "attention_exchange": "auto"}
+        pp[label] = timed(lambda **k: run_pp(pp_nodes, model_pp, group, spec, k["cfg"], 1, k["steps"], seed, clock,
+                                             k["label"], mode=mode, layout=choice),
+                          label, cfg=cfg_scale if c is None else c, steps=steps)
+        result["sp_variants"].append(label)
+        v = result["variants"][label]
+        log(f"    layout {v.get('layout')}  ({v.get('layout_reason')})  peak GiB per rank "
+            f"{[round((b or 0) / 2**30, 1) for b in v.get('peak_bytes_per_rank') or []]}")
 
 
 # -- patch pipelining (approximate, opt-in) -------------------------------------------------------

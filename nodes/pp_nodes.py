@@ -71,6 +71,8 @@ class PPWorkerGroup:
         return True
 
     def make(self, devices, backend, ray_address="", residency="keep", memory_cap_gb=""):
+        if backend == "local":  # the workers come up while ComfyUI loads the text encoders
+            shared_group(devices, extra_paths=[COMFY_ROOT]).start_in_background()
         return (GroupChoice(devices=devices if backend == "ray" else parse_devices(devices), backend=backend,
                             ray_address=ray_address or "", residency=residency, memory_cap_gb=str(memory_cap_gb)),)
 

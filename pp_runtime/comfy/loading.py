@@ -299,12 +299,19 @@ def parameters_on_meta():
         torch.nn.Module.register_parameter = register
 
 
-def read_tensors(path: str, keys: list[str]):
-    """Yield (key, CPU tensor) for ``keys`` of a safetensors file, read with plain file reads
-    into fresh buffers: no memory map, so host RAM holds only what is being loaded."""
+def read_tensors(path: str, keys: list[str], device=None):
+    """Yield (key, tensor) for ``keys`` of a safetensors file, without a memory map, so host
+    RAM holds only what is being loaded: onto a CUDA ``device`` through a few pinned buffers,
+    read ahead of asynchronous copies (``file_reads``); otherwise on the CPU, each read with
+    plain file reads into its own fresh buffer."""
     with open(path, "rb") as f:
         (n,) = struct.unpack("<Q", f.read(8))
         header = json.loads(f.read(n))
+        if device is not None and torch.device(device).type == "cuda":
+            from .file_reads import read_to_device
+            spans = {k: (_DTYPES[header[k]["dtype"]], header[k]["shape"], *header[k]["data_offsets"]) for k in keys}
+            yield from read_to_device(path, 8 + n, spans, device)
+            return
         for key in keys:
             info = header[key]
             begin, end = info["data_offsets"]
@@ -339,7 +346,7 @@ def load_stage_weights(diffusion_model, path: str, layout: FileLayout, prefixes:
 
     def place(k, t):
         if k.endswith(".comfy_quant"):  # a quantized layer's config: ComfyUI (>= 0.2x) reads it on the host
-            return t
+            return t.cpu()
         keep = k.rsplit(".", 1)[0] in quant_layers or k not in params
         return t.to(device=device) if keep else t.to(device=device, dtype=params[k].dtype)
 
@@ -355,7 +362,7 @@ def load_stage_weights(diffusion_model, path: str, layout: FileLayout, prefixes:
             if load[k].is_meta:
                 fkey, view = layout.sources[k]
                 users.setdefault(fkey, []).append((k, view))
-        for fkey, t in read_tensors(path, list(users)):
+        for fkey, t in read_tensors(path, list(users), device):
             nbytes += t.numel() * t.element_size()
             for k, view in users[fkey]:
                 out[k] = place(k, t if view is None else t.as_strided(*view))

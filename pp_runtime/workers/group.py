@@ -119,6 +119,9 @@ def worker_env(device: str, world: int, extra_paths=(), cpu_threads: int | None 
         "NCCL_NVLS_ENABLE": "0",
         "TORCH_NCCL_ASYNC_ERROR_HANDLING": "1",
         ENV_FLAGS: json.dumps(comfy_flags()),
+        # With ComfyUI's root on the path, a worker imports its model code on start, not in the
+        # first prompt (the host meanwhile prepares the job: the file's header, the conditioning).
+        "PP_PRELOAD_COMFY": "1" if extra_paths else "0",
     })
     if device == "cpu":
         env["CUDA_VISIBLE_DEVICES"] = ""
@@ -149,11 +152,30 @@ class WorkerGroup:
         self._inbox: queue.Queue = queue.Queue()
         self._ids = itertools.count(1)
         self._lock = threading.Lock()
+        self._start_lock = threading.Lock()  # one start at a time (a background start, a prompt's)
         self.held: list[dict] = []  # per rank, {placement key: patches id} after its last job
         self._kept: list[dict] = []  # per rank, {tensor name: (tensor, version)} it keeps from its last job
 
     # -- lifecycle -----------------------------------------------------------------
     def start(self) -> "WorkerGroup":
+        with self._start_lock:
+            return self._start()
+
+    def start_in_background(self) -> None:
+        """Start the workers (and their import of ComfyUI's model code) while the ComfyUI
+        process goes on with the graph (its text encoders); a prompt's ``start`` waits for it,
+        and a failure here is met again, and reported, by that prompt."""
+        if self.state in ("idle", "running") or self._start_lock.locked():
+            return
+
+        def start():
+            try:
+                self.start()
+            except Exception:
+                pass
+        threading.Thread(target=start, name="pp-group-start", daemon=True).start()
+
+    def _start(self) -> "WorkerGroup":
         if self.state in ("idle", "running"):
             return self
         self.state, self.failure = "starting", None
@@ -309,6 +331,10 @@ class WorkerGroup:
                     pass
 
     def shutdown(self, timeout: float = 10.0) -> None:
+        with self._start_lock:  # not while a background start is launching workers
+            self._shutdown(timeout)
+
+    def _shutdown(self, timeout: float) -> None:
         if self.state in ("idle", "running"):
             for c in self.conns:
                 try:

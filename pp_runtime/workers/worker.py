@@ -107,8 +107,15 @@ class Worker:
                     self._pinned[(tuple(host.shape), host.dtype)].append(host)
             self._steps.task_done()
 
-    def serve(self):
+    def serve(self, preload_comfy: bool = False):
         threading.Thread(target=self.read_control, daemon=True).start()
+        if preload_comfy:  # ComfyUI's model code now, while the host prepares the first job
+            self.activity.set("starting", detail="(importing ComfyUI's model code)")
+            try:
+                import_comfy(self.device)
+            except Exception:  # the first job imports again and reports the error with its rank
+                pass
+            self.activity.set("idle")
         while True:
             msg, tensors = self.inbox.get()
             if msg["op"] == "shutdown":
@@ -221,6 +228,7 @@ class Worker:
         if job["kind"] == "comfy_sample":
             self.activity.set("starting", detail="(importing ComfyUI's model code)")
             import_comfy(self.device)
+        t_imported = time.monotonic()
         ctx = PPContext.for_layout(job["layout"]["pp"], job["layout"]["cfg"], self.device, job["layout"].get("sp", 1))
         ctx.p2p.watch = self.activity.waiting if ctx.p2p is not None else None
         caps = job.get("memory_caps") or []
@@ -233,7 +241,8 @@ class Worker:
         run = self.run_comfy if job["kind"] == "comfy_sample" else self.run_denoise
         # Where a job's time goes on this rank (monotonic clock, shared by the processes of
         # one machine): received, started, placed; the runner adds its first pass and end.
-        phases = {"received": msg.get("_received"), "started": t_start, "placed": time.monotonic()}
+        phases = {"received": msg.get("_received"), "imported": t_imported, "started": t_start,
+                  "placed": time.monotonic()}
         with torch.inference_mode():
             run(msg, tensors, ctx, placed, {"loaded": loaded, "load_seconds": load_s, "phases": phases})
         self._after(job)
@@ -245,6 +254,7 @@ class Worker:
         topo = ctx.topo
         t_start = time.perf_counter()
         weights_patched = stage.apply_weight_patches(job, tensors)  # LoRA
+        patch_s = time.perf_counter() - t_start
         runner = ComfyPipelineRunner(ctx, stage, job.get("micro_batch_size", 1), job.get("batched_cfg", False),
                                      cancelled=lambda: self.interrupt_job == job_id,
                                      options=job.get("carry", {}).get("transformer_options"),
@@ -276,7 +286,9 @@ class Worker:
                                      "graphs_failed": stage.forward.graphs.failed}
                 if job.get("patch_pipelining") else None, "comfy": comfy_runtime(),
                 "bytes_read": stage.bytes_read if info["loaded"] else 0,
-                "load_peak_growth": stage.load_peak_growth if info["loaded"] else 0, "mem": mem_info(self.device), "clock0_ms": runner.timeline._t0 * 1e3}
+                "load_peak_growth": stage.load_peak_growth if info["loaded"] else 0,
+                "load_phases": stage.load_phases if info["loaded"] else None, "patch_seconds": patch_s,
+                "mem": mem_info(self.device), "clock0_ms": runner.timeline._t0 * 1e3}
         out = None
         if topo.is_output_rank and result is not None:
             from ..comfy.carry import latent_parts
@@ -409,7 +421,7 @@ def main(argv=None):
     device = torch.device(args.device)
     wire.send(conn, join_group(args.rank, args.world, device, f"file://{args.store}", args.timeout))
     try:
-        Worker(args.rank, args.world, device, conn).serve()
+        Worker(args.rank, args.world, device, conn).serve(preload_comfy=os.environ.get("PP_PRELOAD_COMFY") == "1")
     finally:
         if dist.is_initialized():
             dist.destroy_process_group()
