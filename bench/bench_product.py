@@ -184,7 +184,7 @@ def random_lora(model, n_keys=8, rank=16, seed=0) -> dict:
     g = torch.Generator().manual_seed(seed)
     out = {}
     for lora_key, weight_key in list((k, v) for k, v in key_map.items() if isinstance(v, str)
-                                     and k.startswith("diffusion_model.blocks.") and sd.get(v[len("diffusion_model."):]) is not None
+                                     and "blocks." in k and sd.get(v[len("diffusion_model."):]) is not None
                                      and sd[v[len("diffusion_model."):]].dim() == 2)[:n_keys]:
         w = sd[weight_key[len("diffusion_model."):]]
         out[f"{lora_key}.lora_up.weight"] = torch.randn(w.shape[0], rank, generator=g) * 0.01
@@ -249,7 +249,8 @@ def run_pp(pp_nodes, model, group, spec, cfg, batch, steps, seed, clock, label, 
         "peak_bytes_per_rank": [(r.get("mem") or {}).get("peak") for r in ranks],
         "patch_pipelining": [r.get("patch_pipelining") for r in ranks] if patches else None,
         "loaded": [r.get("loaded") for r in ranks], "load_seconds": [r.get("load_seconds") for r in ranks],
-        "load_phases": [r.get("load_phases") for r in ranks], "patch_seconds": [r.get("patch_seconds") for r in ranks]})
+        "load_phases": [r.get("load_phases") for r in ranks], "patch_seconds": [r.get("patch_seconds") for r in ranks],
+        "load_peak_rss_growth": [r.get("load_peak_growth") for r in ranks], "bytes_read": [r.get("bytes_read") for r in ranks]})
 
 
 def timeline_summary(all_spans, world) -> list:
@@ -288,7 +289,7 @@ def main(argv=None):
     ap.add_argument("--devices", default="cuda:0,cuda:1")
     ap.add_argument("--model", choices=list(MODELS), default="flux")
     ap.add_argument("--variants", default="core",
-                    help="core, sp, patches, legacy, extras, consumer, stockloader (comma-separated)")
+                    help="core, sp, patches, legacy, extras, consumer, stockloader, changes (comma-separated)")
     ap.add_argument("--steps", type=int, default=None)
     ap.add_argument("--repeat", type=int, default=1, help="timed prompts per variant (after one warm-up)")
     ap.add_argument("--pack-root", default=str(ROOT), help="the pack to measure (--legacy-tree: an older one)")
@@ -469,6 +470,8 @@ def main(argv=None):
         result["extras"]["legacy"] = cmp
         log("staging vs legacy adapters:", json.dumps(cmp, indent=1))
 
+    if "changes" in wanted:
+        changes(result, pp_nodes, cb, path, spec, devices, clock, seed)
     if "stockloader" in wanted:
         stock_loader_model(result, pp_nodes, path, spec, devices, cfg_scale, steps, clock, seed, stock.get("stock_cfg1"))
     if "extras" in wanted:
@@ -486,6 +489,66 @@ def main(argv=None):
     log("rel_l2 vs stock:", json.dumps(result["rel_l2"]))
     log(f"wrote {out}")
     shutdown_all = registry().shutdown_all
+    shutdown_all()
+
+
+# -- changing things: another model, a LoRA's strength, another LoRA ---------------------------------
+def changes(result, pp_nodes, cb, path, spec, devices, clock, seed, steps=2):
+    """What a change between prompts costs, stock against PP (2-step prompts at cfg 1, so the
+    change shows): a second model of the same size (a byte copy of the file under another
+    name) and back, on PP with each residency (keep: both stay placed; park: the idle one in
+    host RAM; release: read again), and a LoRA on every block linear (rank 16) at 0.8, its
+    strength changed to 0.5, another LoRA (stock re-patches on its GPU; PP re-patches its
+    stages from the unpatched weights it holds, nothing read from disk)."""
+    import shutil
+    import comfy.model_management as mm
+    import comfy.sd
+    V, C = result["variants"], result["extras"].setdefault("changes", {})
+    other = path.replace(".safetensors", "_copy.safetensors")
+    if not os.path.exists(other):
+        shutil.copyfile(path, other)
+    log("changes, stock (ComfyUI's loader and model management):")
+    a = comfy.sd.load_diffusion_model(path)
+    run_stock(a, spec, 1.0, 1, steps, seed, clock, "stock A (warm-up)")
+    t = time.perf_counter()
+    b = comfy.sd.load_diffusion_model(other)
+    load_b = time.perf_counter() - t
+    _, s = run_stock(b, spec, 1.0, 1, steps, seed, clock, "stock_change_to_b")
+    V["stock_change_to_b"] = {**s, "load_s": load_b, "wall_s": load_b + s["wall_s"]}
+    _, V["stock_change_back_to_a"] = run_stock(a, spec, 1.0, 1, steps, seed, clock, "stock_change_back_to_a")
+    loras = [random_lora(a, n_keys=10**6, seed=i) for i in (1, 2)]
+    C["lora_keys"], C["lora_bytes"] = len(loras[0]) // 2, sum(t.numel() * t.element_size() for t in loras[0].values())
+    lora_models = {}
+    for label, lora, strength in (("lora_first", 0, 0.8), ("lora_strength", 0, 0.5), ("lora_swap", 1, 0.8)):
+        m = comfy.sd.load_lora_for_models(a, None, loras[lora], strength, 0.0)[0]
+        lora_models[label] = (lora, strength)
+        _, V[f"stock_{label}"] = run_stock(m, spec, 1.0, 1, steps, seed, clock, f"stock_{label}")
+    del a, b, m
+    mm.unload_all_models()
+    mm.soft_empty_cache()
+
+    log("changes, PP (PP Load Diffusion Model):")
+    shutdown_all = registry().shutdown_all
+    ma, mb = cb.load_on_disk(path), cb.load_on_disk(other)
+    for residency in ("keep", "park", "release"):
+        shutdown_all()
+        group = {"devices": devices.split(","), "backend": "local", "residency": residency, "memory_cap_gb": ""}
+        run_pp(pp_nodes, ma, group, spec, 1.0, 1, steps, seed, clock, f"pp A, {residency} (placing)")
+        V[f"pp_change_to_b_{residency}"] = run_pp(pp_nodes, mb, group, spec, 1.0, 1, steps, seed, clock,
+                                                  f"pp_change_to_b_{residency}")[1]
+        V[f"pp_change_back_to_a_{residency}"] = run_pp(pp_nodes, ma, group, spec, 1.0, 1, steps, seed, clock,
+                                                       f"pp_change_back_to_a_{residency}")[1]
+        result["ratios"][f"change_to_b_{residency}"] = V["stock_change_to_b"]["wall_s"] / \
+            V[f"pp_change_to_b_{residency}"]["wall_s"]
+        result["ratios"][f"change_back_to_a_{residency}"] = V["stock_change_back_to_a"]["wall_s"] / \
+            V[f"pp_change_back_to_a_{residency}"]["wall_s"]
+    group = {"devices": devices.split(","), "backend": "local", "residency": "keep", "memory_cap_gb": ""}
+    for label, (lora, strength) in lora_models.items():
+        m = comfy.sd.load_lora_for_models(ma, None, loras[lora], strength, 0.0)[0]
+        _, V[f"pp_{label}"] = run_pp(pp_nodes, m, group, spec, 1.0, 1, steps, seed, clock, f"pp_{label}")
+        result["ratios"][f"change_{label}"] = V[f"stock_{label}"]["wall_s"] / V[f"pp_{label}"]["wall_s"]
+    log("changes (stock time / PP time):", json.dumps({k: v for k, v in result["ratios"].items()
+                                                         if k.startswith("change_")}, indent=1))
     shutdown_all()
 
 

@@ -112,7 +112,7 @@ def worker(rank: int, world: int, port: int, args, queue):
     cpu = dist.new_group(backend="gloo")
     device = torch.device(args.device)
     ctx = types.SimpleNamespace(sp_group=dist.group.WORLD, sp_cpu_group=cpu,
-                                topo=types.SimpleNamespace(sp_size=world, sp_rank=rank))
+                                topo=types.SimpleNamespace(sp_size=world, sp_rank=rank, sp_ranks=list(range(world))))
     sp = SequenceGroup(ctx)
     dtype = torch.float32 if args.smoke else torch.bfloat16
     rows = []

@@ -222,6 +222,64 @@ def test_a_killed_shard_fails_the_prompt_naming_it_then_the_next_works():
         group.shutdown()
 
 
+def test_a_hung_shard_is_named_after_cancel_then_the_next_prompt_works(monkeypatch):
+    """Shard 1 of the one stage blocks forever before block 1 in the 3rd pass (a GPU kernel
+    that never returns; its heartbeat goes on); the driver waits for it in the shards'
+    agreement before that block.  Cancel: within the grace the host names rank 1 and what it
+    was stuck on; a fresh group's next prompt is exact."""
+    import time
+    from pp_runtime.workers.group import WorkerError
+    monkeypatch.setenv("PP_TEST_HANG", "1:1:2")
+    monkeypatch.setenv("PP_CANCEL_GRACE_S", "3")
+    case, model, (pos, neg), lat = _inputs("wan21_t2v")
+    group = WorkerGroup("cpu,cpu", extra_paths=[str(COMFY_ROOT)], cpu_threads=1)
+    try:
+        seen, t_cancel = [], []
+
+        def should_interrupt():  # Cancel 1 s after the first step: shard 1 is stuck by then
+            if seen and not t_cancel and time.monotonic() > seen[0] + 1.0:
+                t_cancel.append(time.monotonic())
+            return bool(t_cancel)
+        job, tensors, rank_tensors = _job(2, model, pos, neg, lat, 3.0, 2, steps=40)
+        with pytest.raises(WorkerError) as err:
+            group.run(job, tensors, rank_tensors=rank_tensors, should_interrupt=should_interrupt,
+                      on_step=lambda i, n, x: seen.append(time.monotonic()))
+        took = time.monotonic() - t_cancel[0]
+        print(f"[hung shard] {took:.1f} s after Cancel: {err.value}")
+        assert err.value.rank == 1 and "stuck computing block 1" in str(err.value) and took < 10
+        monkeypatch.delenv("PP_TEST_HANG")
+        res, _ = _pp(group, model, pos, neg, lat, 3.0, 2)
+        assert _rel(res["latents"], _stock(model, pos, neg, lat, 3.0)) <= TOL
+    finally:
+        group.shutdown()
+
+
+def test_by_memory_split_on_a_sequence_parallel_layout():
+    """pp2 x sp2: each stage's weights sit on both of its shards' devices, so a stage may use
+    the smaller of the two: a small device among stage 1's shards moves blocks to stage 0,
+    a small one among stage 0's moves them to stage 1 (as a pp2 layout of those capacities)."""
+    case, model, (pos, neg), lat = _inputs("wan21_t2v")
+    big = 8 << 30
+
+    def stage_blocks(memory):
+        job, _, _ = _job(4, model, pos, neg, lat, 1.0, 2, split={"strategy": "by_memory"}, device_memory=memory)
+        assert job["layout"] == {"cfg": 1, "pp": 2, "sp": 2}
+        return job["split"]
+    even = stage_blocks([big] * 4)
+    from pp_runtime.comfy.loading import model_profile
+    prof = model_profile(model.model.diffusion_model)
+    small = prof["shared_bytes"] + prof["last_bytes"] + 2 * max(prof["block_bytes"]) + \
+        int(model.model.memory_required(list(lat.shape)))
+    later_small = stage_blocks([big, big, big, small])   # rank 3: stage 1, shard 1
+    early_small = stage_blocks([small, big, big, big])   # rank 0: stage 0, shard 0
+    print(f"[by_memory sp2] blocks per stage: even {even}, stage 1 small {later_small}, stage 0 small {early_small}")
+    assert later_small[1] < even[1] and early_small[0] < even[0]
+    pp2 = prepare_comfy_job(2, model, pos, neg, {"samples": lat}, seed=3, steps=STEPS, cfg=1.0, sampler_name="euler",
+                            scheduler="simple", export_dir=EXPORTS, split={"strategy": "by_memory"},
+                            device_memory=[big, small])[0]
+    assert pp2["split"] == later_small
+
+
 @pytest.mark.parametrize("name,kw,world,message", [
     ("sd3", {}, 2, "sequence parallelism has no entry for MMDiT"),
     ("ltx2_av", {}, 2, "sequence parallelism cannot run LTXAVModel"),

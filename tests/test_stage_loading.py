@@ -6,6 +6,7 @@ processes.  Memory is measured, not assumed: the host's resident set around
 around placing its stage.
 """
 import os
+import re
 
 import pytest
 import torch
@@ -379,3 +380,27 @@ def test_stock_model_export_is_reused_kept_on_its_device_and_removed(tmp_path):
     del a, b, c
     gc.collect()
     assert not os.path.exists(first) and not os.path.exists(other), "an export outlived every MODEL using it"
+
+
+def test_export_is_streamed_said_and_bounded_by_the_disk(tmp_path, caplog):
+    """An export is written a tensor at a time (what the workers read equals the MODEL's
+    weights, bit for bit), says its size and folder in the log, and is refused with what to
+    do when the folder's disk cannot hold it (asked for more than the real free space)."""
+    import logging
+    import shutil
+
+    from safetensors.torch import load_file
+
+    from pp_runtime.comfy import export
+    from pp_runtime.comfy.carry import CarryError
+    model = _in_memory(comfy.sd.load_diffusion_model(str(cached_model_files()["wan21_t2v"])))
+    with caplog.at_level(logging.INFO):
+        path = export.export_weights(model.model, str(tmp_path))
+    assert re.search(r"writing its weights once, [0-9.]+ GB, to " + re.escape(str(tmp_path)), caplog.text)
+    got, want = load_file(path), model.model.diffusion_model.state_dict()
+    assert sorted(got) == sorted(want)
+    assert all(torch.equal(got[k].view(torch.uint8), want[k].contiguous().view(torch.uint8)) for k in want)
+    free = shutil.disk_usage(tmp_path).free
+    with pytest.raises(CarryError, match=r"whose disk has [0-9.]+ GB free: load the model with PP Load"):
+        export.check_room(str(tmp_path), free)
+    export.check_room(str(tmp_path), 1 << 20)

@@ -112,6 +112,25 @@ def test_stopped_worker_without_cancel(wan, monkeypatch):
     assert err.rank == 0 and "no heartbeat" in str(err) and took < 10
 
 
+def test_slow_residency_step_is_not_a_hang(wan, monkeypatch):
+    """Rank 0 takes 4 s over its residency step after each job (as parking a 24 GB stage in
+    host RAM took on an H200), the next job already sent: its heartbeat, still tagged with the
+    job it is finishing, keeps it alive for the next one (with PP_SILENT_S 2 the host called it
+    hung before), and both jobs give the same latent."""
+    group = _group(monkeypatch, "0:after:4", PP_SILENT_S=2)
+    try:
+        job, t, rt = _job(wan, 2)
+        job["residency"] = "park"
+        first = group.run(job, t, rank_tensors=rt)["latents"]
+        t0 = time.monotonic()
+        second = group.run(job, t, rank_tensors=rt)["latents"]
+        took = time.monotonic() - t0
+        print(f"[slow residency] the next job took {took:.1f} s")
+        assert took > 3 and torch.equal(first, second)
+    finally:
+        group.shutdown()
+
+
 def test_killed_worker_message_is_the_cause_not_its_log(wan):
     err, _ = _signal_at_step_1(wan, 1, signal.SIGKILL)
     text = str(err)

@@ -7,7 +7,11 @@ ComfyUI's temp folder as a safetensors file, named by a fingerprint of its weigh
 from __future__ import annotations
 
 import atexit
+import json
+import logging
 import os
+import shutil
+import struct
 import tempfile
 import weakref
 
@@ -122,7 +126,6 @@ def export_weights(base, folder: str | None = None) -> str:
     new MODEL object with the same weights finds the same file by fingerprint.  The file is
     removed when no MODEL uses it any more, at exit, and (a crash) by the next process that
     exports into the folder."""
-    from safetensors.torch import save_file
     diffusion_model = base.diffusion_model
     path = _EXPORTS.get(diffusion_model)
     if path and os.path.exists(path):
@@ -133,15 +136,53 @@ def export_weights(base, folder: str | None = None) -> str:
     _remove_stale_exports(folder)
     path = os.path.join(folder, f"{EXPORT_PREFIX}{os.getpid()}-{weights_fingerprint(diffusion_model)}.safetensors")
     if not os.path.exists(path):
-        sd = {k: v.detach().to("cpu").contiguous() for k, v in diffusion_model.state_dict().items()}
+        state = diffusion_model.state_dict()
+        nbytes = sum(v.numel() * v.element_size() for v in state.values())
+        check_room(folder, nbytes)
+        logging.info("PP KSampler: this MODEL has no file the workers can read (merged or made in memory): "
+                     "writing its weights once, %.1f GB, to %s", nbytes / 1e9, folder)
         tmp = path + ".partial"
-        save_file(sd, tmp)
+        try:
+            save_streamed(state, tmp)
+        except BaseException:
+            _remove_quietly(tmp)
+            raise
         os.replace(tmp, path)  # a reader never sees half a file
         atexit.register(_remove_quietly, path)
     _EXPORTS[diffusion_model] = path
     _USERS[path] = _USERS.get(path, 0) + 1
     weakref.finalize(diffusion_model, _release_export, path)
     return path
+
+
+def check_room(folder: str, nbytes: int) -> None:
+    """Refuse an export that the folder's disk cannot hold (with 1 GB to spare), saying what to do."""
+    free = shutil.disk_usage(folder).free
+    if nbytes + (1 << 30) > free:
+        raise CarryError(f"handing this MODEL to the workers means writing its weights, {nbytes / 1e9:.1f} GB, "
+                         f"to {folder}, whose disk has {free / 1e9:.1f} GB free: load the model with PP Load "
+                         f"Diffusion Model (or the stock loader, from its file: no copy), or set PP_EXPORT_DIR "
+                         f"to a folder with room")
+
+
+def save_streamed(state: dict, path: str) -> None:
+    """``state`` as a safetensors file, one tensor at a time through host memory (no copy of
+    the whole model in this process)."""
+    from .loading import _DTYPES
+    names = {v: k for k, v in _DTYPES.items()}
+    header, at = {}, 0
+    for k, v in state.items():
+        n = v.numel() * v.element_size()
+        header[k] = {"dtype": names[v.dtype], "shape": list(v.shape), "data_offsets": [at, at + n]}
+        at += n
+    blob = json.dumps(header, separators=(",", ":")).encode()
+    blob += b" " * (-len(blob) % 8)
+    with open(path, "wb") as f:
+        f.write(struct.pack("<Q", len(blob)))
+        f.write(blob)
+        for v in state.values():
+            if v.numel():
+                f.write(v.detach().to("cpu").contiguous().reshape(-1).view(torch.uint8).numpy().data)
 
 
 def _remove_quietly(path: str) -> None:

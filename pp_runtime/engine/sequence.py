@@ -43,11 +43,24 @@ class SequenceGroup:
         self.group, self.cpu_group = ctx.sp_group, ctx.sp_cpu_group
         self.size, self.rank = ctx.topo.sp_size, ctx.topo.sp_rank
         self._order: dict = {}  # (spans, dim size) -> the index that puts gathered tokens in order
+        # In a collective this rank waits for its shard peers (the next one named), as in a
+        # point-to-point receive: the host's watchdog then names the shard that is stuck.
+        self.watch = getattr(getattr(ctx, "p2p", None), "watch", None)
+        self.peer = ctx.topo.sp_ranks[(self.rank + 1) % self.size]
+
+    def _collective(self, fn, *args, **kwargs):
+        if self.watch is not None:
+            self.watch(self.peer)
+        try:
+            return fn(*args, **kwargs)
+        finally:
+            if self.watch is not None:
+                self.watch(None)
 
     def agree(self, local: bool) -> bool:
         """Stop now?  Every shard of the stage decides alike (a collective on the CPU group)."""
         flag = torch.tensor([1 if local else 0])
-        dist.all_reduce(flag, op=dist.ReduceOp.MAX, group=self.cpu_group)
+        self._collective(dist.all_reduce, flag, op=dist.ReduceOp.MAX, group=self.cpu_group)
         return bool(flag.item())
 
     def exchange(self, choice: str, heads: int) -> str:
@@ -95,7 +108,7 @@ class SequenceGroup:
         # [n, 3, B, H, D] -> per destination rank its head group: [P * n, 3, B, g, D]
         qkv = torch.stack(canon, 1).reshape(n, 3, B, P, g, D).permute(3, 0, 1, 2, 4, 5).reshape(P * n, 3, B, g, D)
         got = qkv.new_empty((total, 3, B, g, D))
-        dist.all_to_all_single(got, qkv.contiguous(), sizes, [n] * P, group=self.group)  # shard order
+        self._collective(dist.all_to_all_single, got, qkv.contiguous(), sizes, [n] * P, group=self.group)  # shard order
         where = self._where(spans, 0, total, got.device) if mask is not None else None
         if where is not None:  # token order, for the mask
             got = got.index_select(0, where)
@@ -107,7 +120,7 @@ class SequenceGroup:
         if where is not None:  # back to shard order
             out = out.index_select(0, torch.argsort(where))
         back = out.new_empty((P * n, B, g, D))
-        dist.all_to_all_single(back, out.contiguous(), [n] * P, sizes, group=self.group)
+        self._collective(dist.all_to_all_single, back, out.contiguous(), [n] * P, sizes, group=self.group)
         full = back.reshape(P, n, B, g, D).permute(2, 0, 3, 1, 4).reshape(B, heads, n, D)  # [B, H, n, D]
         return full if out_heads_first else full.permute(0, 2, 1, 3).reshape(B, n, heads * D)
 
@@ -123,7 +136,7 @@ class SequenceGroup:
             pad[d] = width - kv.shape[d]
             kv = torch.cat((kv, kv.new_zeros(pad)), d)
         parts = [torch.empty_like(kv) for _ in range(self.size)]
-        dist.all_gather(parts, kv.contiguous(), group=self.group)
+        self._collective(dist.all_gather, parts, kv.contiguous(), group=self.group)
         joined = torch.cat(parts, d)  # shard after shard, each padded to ``width``
         index = self._where(spans, width, total, joined.device)
         if index is not None:

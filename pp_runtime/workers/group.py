@@ -473,8 +473,8 @@ class WorkerGroup:
                     rank, cause = dead, self._cause(dead) + f" (rank {msg['rank']} then saw: {msg['error']})"
                 self._fail(rank, cause)
                 raise self._error(rank, cause)
-            if msg.get("job") == job_id:
-                return msg, tensors
+            if msg.get("job") == job_id or msg["op"] == "beat":  # a beat: the process lives, whatever job
+                return msg, tensors                              # it is finishing (a park after its 'done')
 
     def run(self, job: dict, tensors: dict | None = None, on_step=None, should_interrupt=None,
             rank_tensors=None) -> dict:

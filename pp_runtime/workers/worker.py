@@ -111,10 +111,12 @@ class Worker:
         threading.Thread(target=self.read_control, daemon=True).start()
         if preload_comfy:  # ComfyUI's model code now, while the host prepares the first job
             self.activity.set("starting", detail="(importing ComfyUI's model code)")
+            self.current_job = "(starting)"  # heartbeats meanwhile: a first job sent now waits on this
             try:
                 import_comfy(self.device)
             except Exception:  # the first job imports again and reports the error with its rank
                 pass
+            self.current_job = None
             self.activity.set("idle")
         while True:
             msg, tensors = self.inbox.get()
@@ -212,8 +214,13 @@ class Worker:
         return tensors
 
     def _after(self, job):
-        """Residency after a job: keep the stage placed, park it in host RAM, or release it."""
+        """Residency after a job: keep the stage placed, park it in host RAM, or release it
+        (after its 'done': the host may have sent the next job, and hears this rank's
+        heartbeat meanwhile)."""
         policy = job.get("residency", "keep")
+        self.activity.set("residency", detail=f"({policy} after the job)")
+        if _TEST_HANG and _TEST_HANG[:2] == [self.rank, "after"]:
+            time.sleep(_TEST_HANG[2])
         key = placement_key(job)
         if policy == "release":
             self.placed.pop(key, None)
@@ -338,8 +345,11 @@ class Worker:
 
 
 # PP_TEST_HANG="rank:block:n": that rank blocks forever before that block the (n+1)-th time it
-# reaches it, its heartbeat going on, as a worker stuck in a GPU kernel does.  Watchdog tests only.
-_TEST_HANG = [int(v) for v in os.environ["PP_TEST_HANG"].split(":")] if os.environ.get("PP_TEST_HANG") else None
+# reaches it, its heartbeat going on, as a worker stuck in a GPU kernel does; "rank:after:s": that
+# rank takes s seconds over its residency step after each job, as parking a large stage in host
+# RAM does.  Watchdog tests only.
+_TEST_HANG = [v if v == "after" else float(v) if "." in v else int(v) for v in os.environ["PP_TEST_HANG"].split(":")] \
+    if os.environ.get("PP_TEST_HANG") else None
 
 
 def mem_info(device: torch.device) -> dict:
