@@ -192,7 +192,11 @@ def test_bad_model_files_are_refused_before_any_worker_starts(srv):
         text = res.error_text()
         print(f"[{case}] {res.status}: {text[:300]}")
         assert res.status in ("error", "rejected") and message in text and name in text, text
-        assert _group(srv).get("state", "not started") in ("not started", "stopped"), _group(srv)
+        # no worker was given a job (the PP Worker Group node may have started its group in
+        # the background, to come up while ComfyUI runs the rest of the graph)
+        g = _group(srv)
+        assert g.get("state", "not started") in ("not started", "stopped", "starting", "idle"), g
+        assert g.get("state") not in ("starting", "idle") or g.get("layout") is None, g
 
 
 def test_file_replaced_under_the_same_name_is_read_again(srv):
