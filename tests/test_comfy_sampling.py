@@ -7,6 +7,8 @@ on a tiny random-weight Wan 2.1 file loaded by ComfyUI's own loader.  Tolerance 
 (fp32): the workers split cond/uncond into micro-batches and run 1 thread each, so CPU
 kernels may reduce in a different order than the batched stock call (seen: ~1e-5).
 """
+import json
+
 import pytest
 import torch
 
@@ -127,6 +129,30 @@ def _lora(model, seed=0, rank=4):
             sd[f"{base}.lora_down.weight"] = torch.randn(rank, p.shape[1], generator=g) * 0.2
             sd[f"{base}.alpha"] = torch.tensor(float(rank))
     return sd
+
+
+def test_lora_description_grows_with_its_keys_not_their_square(setup):
+    """What describes a LoRA's patches to the workers is the same size per key, however
+    many keys the file has (ComfyUI gives every adapter the file's whole key set; carried,
+    a LoRA on Flux's 1064 linears took seconds to describe per prompt)."""
+    from pp_runtime.comfy.carry import pack_weight_patches
+    model = setup[0]
+    lora = {}
+    for name, p in model.model.diffusion_model.named_parameters():  # every 2-D block weight
+        if name.startswith("blocks.") and p.dim() == 2:
+            base = "diffusion_model." + name[: -len(".weight")]
+            lora[f"{base}.lora_up.weight"] = torch.zeros(p.shape[0], 2)
+            lora[f"{base}.lora_down.weight"] = torch.zeros(2, p.shape[1])
+
+    def per_key(sd):
+        m = comfy.sd.load_lora_for_models(model, None, sd, 0.8, 0)[0]
+        meta, _ = pack_weight_patches(m, [["blocks.", ""]])
+        return len(meta), len(json.dumps(meta)) / len(meta)
+    keys = sorted({k.rsplit(".lora_", 1)[0] for k in lora})
+    half = {k: v for k, v in lora.items() if k.rsplit(".lora_", 1)[0] in keys[: len(keys) // 2]}
+    (n, whole), (h, part) = per_key(lora), per_key(half)
+    print(f"description per key: {part:.0f} bytes with {h} keys, {whole:.0f} with {n}")
+    assert n >= 20 and whole <= 1.05 * part
 
 
 def test_lora_on_the_workers_and_repatch_without_reload(setup):

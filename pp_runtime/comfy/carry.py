@@ -122,7 +122,10 @@ def _encode(v):
         return "clip_vision_output", dict(vars(v))  # CLIP vision (Wan i2v, Z-Image omni: image_sizes)
     wa = sys.modules.get("comfy.weight_adapter")
     if wa is not None and isinstance(v, wa.WeightAdapterBase) and type(v).__name__ in dir(wa):
-        return "weight_adapter", {"cls": type(v).__name__, "keys": sorted(v.loaded_keys), "weights": tuple(v.weights)}
+        # not its loaded_keys: ComfyUI's loader hands every adapter of a file the one set of all
+        # the file's keys (bookkeeping the patch math never reads), so carrying it made a LoRA on
+        # every linear cost keys x keys (Flux, 1064 keys: seconds per prompt)
+        return "weight_adapter", {"cls": type(v).__name__, "keys": [], "weights": tuple(v.weights)}
     return None
 
 
