@@ -215,7 +215,7 @@ def run_stock(model, spec, cfg, batch, steps, seed, clock, label):
 
 
 def run_pp(pp_nodes, model, group, spec, cfg, batch, steps, seed, clock, label, split="balanced", mode="sequential",
-           manual="", patches=None, layout=None):
+           manual="", patches=None, layout=None, free_host_copy=False):
     import torch
     latent = {"samples": torch.zeros((batch,) + tuple(spec[1][1:]))}
     pos, neg = conditioning(spec)
@@ -223,7 +223,7 @@ def run_pp(pp_nodes, model, group, spec, cfg, batch, steps, seed, clock, label, 
     out = pp_nodes.pp_sample(model, group, pos, neg, latent, seed=seed, steps=steps, cfg=cfg, sampler_name="euler",
                              scheduler="simple", denoise=1.0, split={"strategy": split, "manual": manual},
                              cfg_mode={"mode": mode, "cfg_normalize": False},
-                             patch_pipelining=patches, layout=layout)[0]["samples"]
+                             patch_pipelining=patches, layout=layout, free_host_copy=free_host_copy)[0]["samples"]
     t1 = time.perf_counter()
     shared_group = registry().shared_group
     g = shared_group(group["devices"])
@@ -289,7 +289,7 @@ def main(argv=None):
     ap.add_argument("--devices", default="cuda:0,cuda:1")
     ap.add_argument("--model", choices=list(MODELS), default="flux")
     ap.add_argument("--variants", default="core",
-                    help="core, sp, patches, legacy, extras, consumer, stockloader, changes (comma-separated)")
+                    help="core, cold, sp, patches, legacy, extras, consumer, stockloader, changes (comma-separated)")
     ap.add_argument("--steps", type=int, default=None)
     ap.add_argument("--repeat", type=int, default=1, help="timed prompts per variant (after one warm-up)")
     ap.add_argument("--pack-root", default=str(ROOT), help="the pack to measure (--legacy-tree: an older one)")
@@ -372,7 +372,7 @@ def main(argv=None):
     # -- stock -----------------------------------------------------------------------------
     stock = {}
     core = "core" in wanted
-    if not args.only_pp and (core or "patches" in wanted or "sp" in wanted):
+    if not args.only_pp and (core or "patches" in wanted or "sp" in wanted or "cold" in wanted):
         log("stock KSampler (ComfyUI's loader and sampling, this process, first GPU):")
         t_load = time.perf_counter()
         model = comfy.sd.load_diffusion_model(path)
@@ -384,7 +384,7 @@ def main(argv=None):
         plan = (("stock_cfg1", 1.0, 1), ("stock_cfg", cfg_scale, 1), ("stock_b2_cfg", cfg_scale, 2))
         if world == 1:
             plan = plan[:2]
-        for label, c, b in (plan if core else plan[:2]):
+        for label, c, b in (plan if core else plan[:2] if "patches" in wanted or "sp" in wanted else ()):
             stock[label] = timed(lambda **k: run_stock(model, spec, k["cfg"], k["batch"], k["steps"], seed, clock,
                                                        k["label"]), label, cfg=c, batch=b, steps=steps)
         mm.unload_all_models()
@@ -406,12 +406,9 @@ def main(argv=None):
         elif args.only_pp or not core or world == 1:
             plan = plan[:3] if world >= 4 else plan[:2]  # PP2 x CFG2: the exact reference of its patches
         if world == 1:  # the first prompt on a started group: placement and a 2-step prompt
-            shared_group = registry().shared_group
-            t_start = time.perf_counter()
-            shared_group(group["devices"], extra_paths=[pp_nodes.COMFY_ROOT]).start()
-            t_start = time.perf_counter() - t_start
+            start = start_group(pp_nodes, group)
             _, s = run_pp(pp_nodes, model_pp, group, spec, 1.0, 1, 2, seed, clock, "pp1_first_prompt")
-            V["pp1_first_prompt"] = {**s, "group_start_s": t_start, "first_prompt_s": s["wall_s"]}
+            V["pp1_first_prompt"] = {**s, **start, "first_prompt_s": s["wall_s"]}
             result["ratios"][f"cold_{key}_pp1"] = V["stock_first_prompt"]["first_prompt_s"] / s["wall_s"] \
                 if "stock_first_prompt" in V else None
         for label, c, b, split, mode in plan:
@@ -470,6 +467,8 @@ def main(argv=None):
         result["extras"]["legacy"] = cmp
         log("staging vs legacy adapters:", json.dumps(cmp, indent=1))
 
+    if "cold" in wanted:
+        cold(result, pp_nodes, cb, path, spec, devices, clock, seed, key)
     if "changes" in wanted:
         changes(result, pp_nodes, cb, path, spec, devices, clock, seed)
     if "stockloader" in wanted:
@@ -489,6 +488,52 @@ def main(argv=None):
     log("rel_l2 vs stock:", json.dumps(result["rel_l2"]))
     log(f"wrote {out}")
     shutdown_all = registry().shutdown_all
+    shutdown_all()
+
+
+def start_group(pp_nodes, group) -> dict:
+    """A started group, as the PP Worker Group node leaves it while ComfyUI loads the text
+    encoders: workers up, ComfyUI's model code imported in each, torch.distributed joined."""
+    g = registry().shared_group(group["devices"], extra_paths=[pp_nodes.COMFY_ROOT])
+    t = time.perf_counter()
+    g.start()
+    return {"group_start_s": time.perf_counter() - t, "worker_import_s": [i.get("import_s") for i in g.info],
+            "worker_join_s": [i.get("join_s") for i in g.info]}
+
+
+# -- the first prompt of each loader ----------------------------------------------------------------
+def cold(result, pp_nodes, cb, path, spec, devices, clock, seed, key, steps=2):
+    """The first prompt (load + placement + 2 steps, cfg 1) on a fresh group started before it,
+    for each loader a user has: PP Load Diffusion Model, the stock Load Diffusion Model's MODEL
+    (the workers read the file it came from; its host copy kept), the same with
+    free_host_weights; against stock's load + 2 steps (``stock_first_prompt``)."""
+    import comfy.model_management as mm
+    import comfy.sd
+    V = result["variants"]
+    stock_first = (V.get("stock_first_prompt") or {}).get("first_prompt_s")
+    shutdown_all = registry().shutdown_all
+    group = {"devices": devices.split(","), "backend": "local", "residency": "keep", "memory_cap_gb": ""}
+    for label, loader, free, ratio in (("cold_pp_loader", cb.load_on_disk, False, ""),
+                                       ("cold_stock_loader", comfy.sd.load_diffusion_model, False, "_stockloader"),
+                                       ("cold_stock_loader_free_host", comfy.sd.load_diffusion_model, True,
+                                        "_stockloader_free_host")):
+        shutdown_all()
+        mm.unload_all_models()
+        mm.soft_empty_cache()
+        start = start_group(pp_nodes, group)
+        t = time.perf_counter()
+        model = loader(path)
+        load_s = time.perf_counter() - t
+        _, s = run_pp(pp_nodes, model, group, spec, 1.0, 1, steps, seed, clock, label, free_host_copy=free)
+        last = registry().shared_group(group["devices"]).last_run
+        V[label] = {**s, **start, "load_s": load_s, "first_prompt_s": load_s + s["wall_s"],
+                    "model_file": (last.get("model") or {}).get("path")}
+        V[label]["exported"] = V[label]["model_file"] != path
+        if stock_first:
+            result["ratios"][f"cold_{key}_pp1{ratio}"] = stock_first / V[label]["first_prompt_s"]
+        log(f"{label}: group start {start['group_start_s']:.2f} s (import {start['worker_import_s']}), load {load_s:.2f} s, "
+            f"first prompt {s['wall_s']:.2f} s; stock {stock_first}")
+        del model
     shutdown_all()
 
 

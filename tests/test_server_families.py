@@ -47,7 +47,8 @@ SP_LAYOUTS = {
 }
 # The families whose tokens sequence parallelism cuts (the others are refused by name).
 SP_FAMILIES = ["flux1_dev", "flux1_kontext", "flux2", "chroma", "wan21_t2v", "wan21_i2v", "wan21_fun_control",
-               "wan22_ti2v_5b", "hunyuan_video", "qwen_image", "qwen_image_edit", "lumina2", "z_image", "ltxv"]
+               "wan22_ti2v_5b", "hunyuan_video", "qwen_image", "qwen_image_edit", "lumina2", "z_image", "ltxv",
+               "minimax_h3"]
 
 
 def _model_file(srv, case) -> str:

@@ -139,18 +139,19 @@ def _taesd_files(srv):
                       str(path))
 
 
-@pytest.mark.parametrize("family", ["sd3", "wan21_t2v"])
-def test_previews_with_every_preview_method(srv, family):
+@pytest.mark.parametrize("family,layout", [("sd3", "pp2"), ("wan21_t2v", "pp2"), ("wan21_t2v", "sp2")])
+def test_previews_with_every_preview_method(srv, family, layout):
     """PP KSampler's previews with each preview method ComfyUI offers (set per prompt, as the
     frontend does), for an image and a video family, on the same latents: none sends no
-    preview; auto is latent2rgb; taesd decodes with the TAESD model (other pixels)."""
+    preview; auto is latent2rgb; taesd decodes with the TAESD model (other pixels).  With
+    sequence parallelism (PP Parallel Layout sp2) the steps stream from the pipeline's driver."""
     from test_server_families import graph
     import family_zoo as zoo
     _taesd_files(srv)
     case = zoo.BY_NAME[family]
     frames = {}
     for method in ("none", "auto", "latent2rgb", "taesd"):
-        g = graph(srv, case, f"preview_{method}", "pp2", zoo.num_blocks(case))
+        g = graph(srv, case, f"preview_{layout}_{method}", layout, zoo.num_blocks(case))
         g["4"]["inputs"]["steps"] = 3
         # No cached sampler output: every prompt samples.  ComfyUI acts on /free after the prompt
         # its worker takes next, so a cheap prompt goes first: the free happens before ours.
@@ -162,7 +163,7 @@ def test_previews_with_every_preview_method(srv, family):
         res = srv.run(g, timeout=180, extra_data={"preview_method": method})
         assert res.status == "success", res.describe()
         frames[method] = [p.image for p in res.previews_of("4")]
-        print(f"[{family} {method}] {len(frames[method])} previews")
+        print(f"[{family} {layout} {method}] {len(frames[method])} previews")
     assert frames["none"] == []
     assert len(frames["latent2rgb"]) >= 2 and all(frames["latent2rgb"])
     assert frames["auto"] == frames["latent2rgb"]
@@ -172,11 +173,13 @@ def test_previews_with_every_preview_method(srv, family):
 @pytest.mark.parametrize("patch,sampler", [
     ({"class_type": "EasyCache", "inputs": {"reuse_threshold": 3.0, "start_percent": 0.0, "end_percent": 1.0,
                                              "verbose": False}}, "euler"),
+    ({"class_type": "LazyCache", "inputs": {"reuse_threshold": 3.0, "start_percent": 0.0, "end_percent": 1.0,
+                                             "verbose": False}}, "euler"),
     ({"class_type": "ModelSamplingSD3", "inputs": {"shift": 2.0}}, "dpmpp_2m"),
     (None, "uni_pc"),
 ])
 def test_patches_and_samplers_with_sequence_parallelism(srv, patch, sampler):
     """PP Parallel Layout sp2 with a cache node, a model-sampling shift, other samplers: as stock."""
-    a, b, rel = pair(srv, patch, steps=6, tag=f"sp_{sampler}", sampler=sampler, sp=2)
+    a, b, rel = pair(srv, patch, steps=6, tag=f"sp_{sampler}_{patch and patch['class_type']}", sampler=sampler, sp=2)
     print(f"[sp2 {patch and patch['class_type']} {sampler}] relative L2 vs stock {rel:.1e}")
     assert rel <= TOL

@@ -142,8 +142,37 @@ def test_residency_release_and_park():
                                            scheduler="simple")
             job["residency"] = residency
             loaded.append(all(r["loaded"] for r in group.run(job, t, rank_tensors=rt)["ranks"]))
-        # first run loads; 'release' drops it, so the second loads again; 'park' keeps it in host RAM
+        # first run loads; 'release' drops it, so the second loads again; 'park' keeps the stage
+        # (its weights are read again from the file, not placed anew)
         assert loaded == [True, True, False, False]
+    finally:
+        group.shutdown()
+
+
+def test_park_frees_the_weights_and_the_next_prompt_is_exact_with_its_lora():
+    """'park' frees each stage's weights after the prompt (on a CPU worker: its host RAM) and
+    keeps the stage; the next prompt reads them again from the file and applies its LoRA again
+    (the host sends the patches again): the result equals stock's, with and without the LoRA."""
+    model = comfy.sd.load_diffusion_model(str(cached_model_files()["wan21_t2v"]))
+    lora = comfy.sd.load_lora_for_models(model, None, _lora_for(model, ("self_attn.q.weight", "ffn.0.weight")),
+                                         0.8, 0)[0]
+    pos, neg = _conds()
+    lat = EMPTY["samples"]
+    group = WorkerGroup("cpu,cpu", extra_paths=[str(COMFY_ROOT)])
+    try:
+        for m, residency in ((lora, "park"), (lora, "park"), (model, "park"), (lora, "keep")):
+            noise = comfy.sample.prepare_noise(lat, 1)
+            ref = comfy.sample.sample(m, noise, 2, 3.0, "euler", "simple", pos, neg, lat, seed=1, disable_pbar=True)
+            job, t, rt = prepare_comfy_job(2, m, pos, neg, EMPTY, seed=1, steps=2, cfg=3.0, sampler_name="euler",
+                                           scheduler="simple")
+            job["residency"] = residency
+            res = group.run(job, t, rank_tensors=rt)
+            held = group.held
+            diff = (res["latents"] - ref).abs().max().item()
+            print(f"{residency} lora={m is lora}: max|diff| {diff:.2e}")
+            assert diff <= TOL
+            if residency == "park":  # the host knows the patches are gone with the weights
+                assert all(set(h.values()) == {""} for h in held)
     finally:
         group.shutdown()
 

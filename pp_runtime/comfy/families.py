@@ -86,12 +86,16 @@ FAMILIES = (
     # that graph from being begun on one rank's stage and ended across a stage boundary).  The
     # text refiner and condition_proj run only in MiniMaxH3.extra_conds on the last rank (stages
     # get the context already hidden-wide), so they ride with the head.  adaln_proj acts on a few
-    # timestep rows.  No patch pipelining (patches None): the state has no batch dim and
-    # mod_segments / rope_freqs index the whole token sequence.
+    # timestep rows.  Token cut (sequence parallelism only): the stream's dim 0, one contiguous
+    # chunk per shard; rope_freqs [1, tokens, 1, ...] cut per block; mod_segments, (start, stop,
+    # row) ranges over the whole stream (a per-token LongTensor row under a denoise mask), rebased
+    # to the shard's tokens; one attention call per block, no mask; text is in the stream.
     Family("MiniMaxH3", ("comfy.ldm.minimax.model:MiniMaxH3Model",),
-           (BlockList("blocks", "double_block", ("img",)),),
+           (BlockList("blocks", "double_block", ("img",), joint=("img",)),),
            head=("final_layer", "token_refiner", "condition_proj"), modulation=("adaln_proj",),
-           entry="_forward"),
+           entry="_forward",
+           patches=PatchSpec(positional=(("rope_freqs", 1),), token_dim=0, ranges=(("mod_segments", 0),),
+                             pipelining=False, classes=("comfy.ldm.minimax.model:MiniMaxH3Model",))),
     # comfy/ldm/modules/diffusionmodules/mmdit.py (SD3, SD3.5)
     Family("MMDiT", ("comfy.ldm.modules.diffusionmodules.mmdit:MMDiT",),
            (BlockList("joint_blocks", "double_block", DUAL, cost=0.5),),

@@ -49,8 +49,9 @@ class ComfyStage:
                             "weights_gb_per_s": self.bytes_read / max(t2 - t1, 1e-9) / 1e9}
         # What placing this stage cost in host RAM at its peak (measured, for the tests and the panel).
         self.load_peak_growth = _peak_rss() - hwm0
-        self.device, self.stage = device, topo.pp_rank
-        self.where = torch.device(device)
+        self.device, self.stage = torch.device(device), topo.pp_rank
+        self._spec, self._layout, self._prefixes = spec, layout, prefixes  # to read the stage again (park)
+        self._reread = None  # parked: the prefixes to read again
         self.backup: dict[str, torch.Tensor] = {}  # unpatched weights of the keys patched now
         self.patches_id = ""
         # The last rank's MODEL for ComfyUI's sampler: one per placed stage, kept across jobs
@@ -60,18 +61,32 @@ class ComfyStage:
 
     @property
     def parked(self) -> bool:
-        return self.where.type != self.device.type
+        return self._reread is not None
 
-    def to(self, where: torch.device) -> None:
-        """Move this stage's weights (only those: the rest of the model is meta) to ``where``:
-        host RAM to park them, the device to use them again."""
+    def park(self) -> None:
+        """Free this stage's weights (device memory; host RAM on a CPU worker) and keep the
+        stage: ``unpark`` reads them again from the file they came from, which the OS page
+        cache keeps in host RAM while there is room (~12-15 GB/s on an H200 host, where a copy
+        into pageable host memory and back ran at ~1.5 GB/s).  Weight patches are applied
+        again by the next job (the host sends them again: ``patches_id`` is reset)."""
         import comfy.utils
-        tensors = [(n, p) for n, p in self.base.named_parameters() if not p.is_meta]
-        for name, p in tensors:
-            comfy.utils.set_attr_param(self.base, name, p.data.to(where))
-        self.backup = {k: v.to(where) for k, v in self.backup.items()}
-        self.where = torch.device(where)
+        names = [n for n, p in self.base.diffusion_model.named_parameters()
+                 if not p.is_meta and n in self._layout.load]
+        for name in names:
+            p = self.base.diffusion_model.get_parameter(name)
+            comfy.utils.set_attr_param(self.base.diffusion_model, name, p.data.to("meta"))
+        self.backup, self.patches_id = {}, ""
         self.forward.graphs.clear()  # captured patch calls read the weights where they were
+        self._reread = self._prefixes
+        if self.device.type == "cuda":
+            torch.cuda.empty_cache()
+
+    def unpark(self) -> None:
+        loading.check_stamp(self._spec)  # the file it was read from, unchanged
+        self.bytes_read = loading.load_stage_weights(self.base.diffusion_model, self._spec["path"], self._layout,
+                                                     self._reread, self.device)
+        _sync(self.device)
+        self._reread = None
 
     def apply_weight_patches(self, job: dict, tensors: dict) -> bool:
         """Weight patches (LoRA) for this stage's keys, with ComfyUI's own patch math.

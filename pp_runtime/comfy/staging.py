@@ -221,6 +221,7 @@ class _Pass:
     total: int = 0           # the joint sequence's length
     block: int | None = None  # the block running now (for the attention hook)
     calls: int = 0           # attention calls of that block so far
+    rebased: dict = field(default_factory=dict)  # token-range arguments cut to the spans, per name
 
 
 _REPLACE = object()  # _enter's answer in a head pass at the model's last block
@@ -326,7 +327,8 @@ class StageForward:
         patch = p.patch
         if patch is not None and p.segments is None:  # the first block the forward reaches (all ranks
             names = self.joint_at[g]                    # pass it through, full size): the segments
-            p.segments = [hidden[n].shape[1] for n in names] if len(names) > 1 else [hidden[names[0]].shape[1]]
+            dim = self.family.patches.token_dim
+            p.segments = [hidden[n].shape[dim] for n in names] if len(names) > 1 else [hidden[names[0]].shape[dim]]
             p.total = self.tokens = sum(p.segments)
             if patch.mode == "patch":
                 p.spans = patch_ranges(p.segments, patch.count)[patch.index]
@@ -338,7 +340,7 @@ class StageForward:
         if g < self.start:
             return None
         if patch is not None and patch.mode in ("patch", "shard") and self.first and not p.injected:
-            hidden = cut(hidden, self.joint_at[g], p.segments, p.spans)
+            hidden = cut(hidden, self.joint_at[g], p.segments, p.spans, self.family.patches.token_dim)
             p.injected = True
         if not self.first and not p.injected:
             hidden = {k: p.state_in[k] for k in hidden}
@@ -367,6 +369,9 @@ class StageForward:
             t = args.get(name)
             if torch.is_tensor(t) or (isinstance(t, (tuple, list)) and any(torch.is_tensor(e) for e in t)):
                 args[name] = self._cut_positional(name, t, dim)
+        for name, dim in spec.ranges:
+            if args.get(name) is not None:
+                args[name] = self._rebased(name, args[name], dim)
         for name, dim, spread in spec.per_token:
             t = args.get(name)
             if not (torch.is_tensor(t) and t.dim() > dim and t.shape[dim] > 1):
@@ -379,6 +384,30 @@ class StageForward:
                 raise PatchUnsupported(f"{self.family.name}'s '{name}' has {t.shape[dim]} rows for {p.total} tokens: "
                                        f"{self._what()} cannot cut it; {self._off()}")
         return args
+
+    def _rebased(self, name: str, ranges, dim: int) -> list:
+        """A block argument of (start, stop, row) token ranges over the whole sequence (MiniMax-H3's
+        modulation segments) as ranges over this patch's / shard's tokens, counted from its first;
+        a row with one entry per token (a LongTensor along ``dim``) is cut with its range.  Once
+        per pass: every block gets the same list."""
+        p = self._pass
+        held = p.rebased.get(name)
+        if held is not None and held[0] is ranges:
+            return held[1]
+        out, at = [], 0
+        for s0, s1 in p.spans:
+            for a, b, row in ranges:
+                lo, hi = max(a, s0), min(b, s1)
+                if lo < hi:
+                    if torch.is_tensor(row) and row.dim() > dim:
+                        row = row.narrow(dim, lo - a, hi - lo)
+                    out.append((at + lo - s0, at + hi - s0, row))
+            at += s1 - s0
+        if sum(b - a for a, b, _ in out) != at:
+            raise PatchUnsupported(f"{self.family.name}'s '{name}' does not cover the {p.total} tokens: "
+                                   f"{self._what()} cannot cut it; {self._off()}")
+        p.rebased[name] = (ranges, out)
+        return out
 
     def _cut_positional(self, name: str, t, dim: int):
         """A position table (a tensor, or a tuple of them as LTXV's (rotations, split flag)) cut to
@@ -514,7 +543,8 @@ class StageForward:
             hidden = self._enter(g, {k: args[k] for k in bl.hidden})
             if hidden is _REPLACE:
                 p = self._pass
-                return join(p.patch.outputs, self.joint_at[g], p.segments, patch_ranges(p.segments, p.patch.count))
+                return join(p.patch.outputs, self.joint_at[g], p.segments, patch_ranges(p.segments, p.patch.count),
+                            self.family.patches.token_dim)
             if hidden is None:
                 return {k: args[k] for k in bl.hidden}
             args = {**args, **hidden}
@@ -562,7 +592,8 @@ class StageForward:
             hidden = self._enter(g, {k: bound.arguments[k] for k in bl.hidden})
             if hidden is _REPLACE:  # the head pass: the last block's output is the patches' / shards' joined
                 p = self._pass
-                joined = join(p.patch.outputs, self.joint_at[g], p.segments, patch_ranges(p.segments, p.patch.count))
+                joined = join(p.patch.outputs, self.joint_at[g], p.segments, patch_ranges(p.segments, p.patch.count),
+                            self.family.patches.token_dim)
                 out = tuple(joined[k] for k in returns)
             elif hidden is not None:
                 bound.arguments.update(hidden)

@@ -15,7 +15,8 @@ the hidden-state names in the order the block's attention joins them):
 * its self-attention goes through ComfyUI's attention function with
   ``transformer_options`` (the ``optimized_attention_override`` hook), as the first
   attention call of each block (``self_attention``: which calls, by order);
-* its hidden state is [batch, tokens, channels], so a patch is a token range of it;
+* its hidden state is [batch, tokens, channels] (or [tokens, channels]: ``token_dim``), so a
+  patch is a token range of it;
 * its position tables (RoPE) are block arguments cut to the patch (``positional``);
 * nothing else in a block indexes tokens (``unsupported_args`` must be None, e.g.
   HunyuanVideo's per-token modulation ranges; exact classes in ``classes``: a subclass
@@ -49,6 +50,15 @@ class PatchSpec:
     # block does, ``f(value, hidden)``); cut to the patch's tokens once spread.  "" for a function:
     # one row per token (cut as is) or one for all (left whole), as LTXV's timestep modulation
     per_token: tuple[tuple[str, int, str], ...] = ()
+    # the hidden state's token dim: 1 for [batch, tokens, channels]; 0 for MiniMax-H3's packed
+    # [tokens, channels] stream (batch 1)
+    token_dim: int = 1
+    # block arguments that are lists of (start, stop, row) token ranges over the whole sequence
+    # (MiniMax-H3's modulation segments): (name, dim of a row that has one entry per token); the
+    # same ranges over the patch's / shard's tokens, counted from its first
+    ranges: tuple[tuple[str, int], ...] = ()
+    # False: sequence parallelism only (the family is not checked with patch pipelining)
+    pipelining: bool = True
 
 
 class PatchUnsupported(RuntimeError):
@@ -100,17 +110,17 @@ def _segments_of(names: tuple[str, ...], segments: list[int]) -> list[list[int]]
     raise PatchUnsupported(f"hidden state {names} does not match the sequence's {len(segments)} segments")
 
 
-def cut(hidden: dict, names: tuple[str, ...], segments: list[int], spans: list[tuple[int, int]]) -> dict:
-    """A patch's part of a full hidden state (dim 1 is tokens)."""
+def cut(hidden: dict, names: tuple[str, ...], segments: list[int], spans: list[tuple[int, int]], dim: int = 1) -> dict:
+    """A patch's part of a full hidden state (``dim``: its tokens)."""
     offsets = [sum(segments[:j]) for j in range(len(segments))]
     out = dict(hidden)
     for name, segs in zip(names, _segments_of(names, segments)):
         base = offsets[segs[0]]
-        out[name] = take(hidden[name], 1, [(spans[j][0] - base, spans[j][1] - base) for j in segs])
+        out[name] = take(hidden[name], dim, [(spans[j][0] - base, spans[j][1] - base) for j in segs])
     return out
 
 
-def join(outputs: list[dict], names: tuple[str, ...], segments: list[int], spans: list[list]) -> dict:
+def join(outputs: list[dict], names: tuple[str, ...], segments: list[int], spans: list[list], dim: int = 1) -> dict:
     """The patches' outputs of one block joined into the full hidden state, in token order."""
     out = dict(outputs[0])
     for name, segs in zip(names, _segments_of(names, segments)):
@@ -119,8 +129,8 @@ def join(outputs: list[dict], names: tuple[str, ...], segments: list[int], spans
             for p, o in enumerate(outputs):
                 before = sum(spans[p][i][1] - spans[p][i][0] for i in segs if i < j)
                 n = spans[p][j][1] - spans[p][j][0]
-                parts.append(o[name].narrow(1, before, n))
-        out[name] = torch.cat(parts, dim=1)
+                parts.append(o[name].narrow(dim, before, n))
+        out[name] = torch.cat(parts, dim=dim)
     return out
 
 
@@ -150,9 +160,11 @@ def describe_support(family, diffusion_model, what: str = "patch pipelining", of
     """Why this model cannot run with patches (or sequence shards: the same cut of its tokens);
     None: it can."""
     spec = getattr(family, "patches", None)
+    if spec is not None and not spec.pipelining and what == "patch pipelining":
+        spec = None
     if spec is None or not all(bl.joint for bl in family.blocks):
         return (f"{what} has no entry for {family.name} yet (it runs Flux, Chroma, Wan 2.1/2.2, Qwen-Image, Lumina 2, Z-Image and "
-                f"HunyuanVideo): {off}")
+                f"HunyuanVideo{'' if what == 'patch pipelining' else ', LTXV and MiniMax-H3'}): {off}")
     if spec.classes:
         name = f"{type(diffusion_model).__module__}:{type(diffusion_model).__name__}"
         if name not in spec.classes:

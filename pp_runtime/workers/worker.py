@@ -107,17 +107,8 @@ class Worker:
                     self._pinned[(tuple(host.shape), host.dtype)].append(host)
             self._steps.task_done()
 
-    def serve(self, preload_comfy: bool = False):
+    def serve(self):
         threading.Thread(target=self.read_control, daemon=True).start()
-        if preload_comfy:  # ComfyUI's model code now, while the host prepares the first job
-            self.activity.set("starting", detail="(importing ComfyUI's model code)")
-            self.current_job = "(starting)"  # heartbeats meanwhile: a first job sent now waits on this
-            try:
-                import_comfy(self.device)
-            except Exception:  # the first job imports again and reports the error with its rank
-                pass
-            self.current_job = None
-            self.activity.set("idle")
         while True:
             msg, tensors = self.inbox.get()
             if msg["op"] == "shutdown":
@@ -182,7 +173,7 @@ class Worker:
         self.placed[key] = self.placed.pop(key)  # most recently used last
         placed, load_s = self.placed[key]
         if getattr(placed, "parked", False):
-            placed.to(self.device)
+            placed.unpark()  # read again from its file
         return placed, loaded, load_s
 
     def _held(self, job) -> dict:
@@ -191,6 +182,8 @@ class Worker:
         held = {k: getattr(placed, "patches_id", "") for k, (placed, _) in self.placed.items()}
         if job.get("residency", "keep") == "release":
             held.pop(placement_key(job), None)
+        elif job.get("residency") == "park" and placement_key(job) in held:
+            held[placement_key(job)] = ""  # parked: read again unpatched, its patches are sent again
         return held
 
     def _placed_bytes(self) -> int:
@@ -224,8 +217,8 @@ class Worker:
         key = placement_key(job)
         if policy == "release":
             self.placed.pop(key, None)
-        elif policy == "park" and hasattr(self.placed.get(key, (None,))[0], "to"):
-            self.placed[key][0].to(torch.device("cpu"))
+        elif policy == "park" and hasattr(self.placed.get(key, (None,))[0], "park"):
+            self.placed[key][0].park()
         if policy != "keep" and self.device.type == "cuda":
             torch.cuda.empty_cache()
 
@@ -429,9 +422,17 @@ def main(argv=None):
     key = bytes.fromhex(sys.stdin.readline().strip())
     conn = Client(("127.0.0.1", args.control_port), authkey=key)
     device = torch.device(args.device)
-    wire.send(conn, join_group(args.rank, args.world, device, f"file://{args.store}", args.timeout))
+    t0 = time.monotonic()
+    if os.environ.get("PP_PRELOAD_COMFY") == "1":  # ComfyUI's model code before 'ready': a started
+        try:                                          # group has it, its first prompt does not wait on it
+            import_comfy(device)
+        except Exception:  # the first job imports again and reports the error with its rank
+            pass
+    t_imported = time.monotonic()
+    ready = join_group(args.rank, args.world, device, f"file://{args.store}", args.timeout)
+    wire.send(conn, {**ready, "import_s": t_imported - t0, "join_s": time.monotonic() - t_imported})
     try:
-        Worker(args.rank, args.world, device, conn).serve(preload_comfy=os.environ.get("PP_PRELOAD_COMFY") == "1")
+        Worker(args.rank, args.world, device, conn).serve()
     finally:
         if dist.is_initialized():
             dist.destroy_process_group()
