@@ -46,8 +46,9 @@ class PPWorkerGroup:
         }, "optional": {
             "ray_address": ("STRING", {"default": "", "tooltip": "Ray cluster address, for backend 'ray'."}),
             "residency": (["keep", "park", "release"], {"tooltip": "After each prompt: keep the model's stages "
-                          "on the devices (fastest next prompt), park them in host RAM (frees GPU memory, quick "
-                          "to bring back), or release them (frees everything; the next prompt loads again)."}),
+                          "on the devices (fastest next prompt), park them (frees their GPU memory, keeps the stages; the "
+                          "next prompt reads the weights again from the file, which the OS keeps in host RAM while "
+                          "there is room), or release them (frees everything; the next prompt places them again)."}),
             "memory_cap_gb": ("STRING", {"default": "", "tooltip": "Memory each worker may use, in GB: one number "
                                          "for every device ('24'), or one per device ('32,24'); empty: all of its "
                                          "GPU. For GPUs shared with other work, or to try smaller cards. The "
