@@ -173,7 +173,11 @@ class Worker:
         self.placed[key] = self.placed.pop(key)  # most recently used last
         placed, load_s = self.placed[key]
         if getattr(placed, "parked", False):
-            placed.unpark()  # read again from its file
+            try:
+                placed.unpark()  # read again from its file
+            except BaseException:  # e.g. the file changed or is gone: the next prompt places it anew
+                self.placed.pop(key, None)
+                raise
         return placed, loaded, load_s
 
     def _held(self, job) -> dict:
