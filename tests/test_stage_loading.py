@@ -160,7 +160,7 @@ def test_park_frees_the_weights_and_the_next_prompt_is_exact_with_its_lora():
     lat = EMPTY["samples"]
     group = WorkerGroup("cpu,cpu", extra_paths=[str(COMFY_ROOT)])
     try:
-        for m, residency in ((lora, "park"), (lora, "park"), (model, "park"), (lora, "keep")):
+        for i, (m, residency) in enumerate(((lora, "park"), (lora, "park"), (model, "park"), (lora, "keep"))):
             noise = comfy.sample.prepare_noise(lat, 1)
             ref = comfy.sample.sample(m, noise, 2, 3.0, "euler", "simple", pos, neg, lat, seed=1, disable_pbar=True)
             job, t, rt = prepare_comfy_job(2, m, pos, neg, EMPTY, seed=1, steps=2, cfg=3.0, sampler_name="euler",
@@ -171,6 +171,9 @@ def test_park_frees_the_weights_and_the_next_prompt_is_exact_with_its_lora():
             diff = (res["latents"] - ref).abs().max().item()
             print(f"{residency} lora={m is lora}: max|diff| {diff:.2e}")
             assert diff <= TOL
+            # placed by the first prompt; after a park every rank read its stage again (its weights had been freed)
+            assert [(r["loaded"], r["reread"]) for r in res["ranks"]] == [(i == 0, i > 0)] * 2
+            assert all(r["bytes_read"] > 0 for r in res["ranks"])
             if residency == "park":  # the host knows the patches are gone with the weights
                 assert all(set(h.values()) == {""} for h in held)
     finally:

@@ -51,7 +51,7 @@ class ComfyStage:
         self.load_peak_growth = _peak_rss() - hwm0
         self.device, self.stage = torch.device(device), topo.pp_rank
         self._spec, self._layout, self._prefixes = spec, layout, prefixes  # to read the stage again (park)
-        self._reread = None  # parked: the prefixes to read again
+        self._parked = False
         self.backup: dict[str, torch.Tensor] = {}  # unpatched weights of the keys patched now
         self.patches_id = ""
         # The last rank's MODEL for ComfyUI's sampler: one per placed stage, kept across jobs
@@ -61,7 +61,7 @@ class ComfyStage:
 
     @property
     def parked(self) -> bool:
-        return self._reread is not None
+        return self._parked
 
     def park(self) -> None:
         """Free this stage's weights (device memory; host RAM on a CPU worker) and keep the
@@ -77,16 +77,16 @@ class ComfyStage:
             comfy.utils.set_attr_param(self.base.diffusion_model, name, p.data.to("meta"))
         self.backup, self.patches_id = {}, ""
         self.forward.graphs.clear()  # captured patch calls read the weights where they were
-        self._reread = self._prefixes
+        self._parked = True
         if self.device.type == "cuda":
             torch.cuda.empty_cache()
 
     def unpark(self) -> None:
         loading.check_stamp(self._spec)  # the file it was read from, unchanged
         self.bytes_read = loading.load_stage_weights(self.base.diffusion_model, self._spec["path"], self._layout,
-                                                     self._reread, self.device)
+                                                     self._prefixes, self.device)
         _sync(self.device)
-        self._reread = None
+        self._parked = False
 
     def apply_weight_patches(self, job: dict, tensors: dict) -> bool:
         """Weight patches (LoRA) for this stage's keys, with ComfyUI's own patch math.

@@ -144,7 +144,6 @@ class WorkerGroup:
         self.cpu_threads = cpu_threads
         self.state = "not started"
         self.failure: str | None = None
-        self.start_seconds: float | None = None  # the last start: launch to every rank's 'ready'
         self.progress: tuple[int, int | None] | None = None  # (steps done, total) while a job runs
         self.procs: list[subprocess.Popen] = []
         self.conns: list = []
@@ -182,15 +181,12 @@ class WorkerGroup:
         self.state, self.failure = "starting", None
         self._inbox = queue.Queue()  # a new group never sees a message of the old one
         self.held, self._kept = [], []
-        t0 = time.perf_counter()
         try:
             self._launch()
         except BaseException:
             self._kill()
             self.state = "failed"
             raise
-        # workers up, ComfyUI's model code imported (local workers), torch.distributed joined
-        self.start_seconds = time.perf_counter() - t0
         self.state = "idle"
         return self
 
@@ -368,14 +364,13 @@ class WorkerGroup:
             info = (self.info[r] if r < len(self.info) and self.info[r] else {}) if self._started() else {}
             done = (last.get("ranks") or [None] * self.world)[r] or {}
             ranks.append({"rank": r, "device": dev, "name": info.get("name"), "node": info.get("node"),
-                          "pid": info.get("pid") if self.alive else None, "import_s": info.get("import_s"),
+                          "pid": info.get("pid") if self.alive else None,
                           "stage": done.get("stage"), "pp_rank": done.get("pp_rank"), "cfg_rank": done.get("cfg_rank"),
                           "sp_rank": done.get("sp_rank"), "mem": done.get("mem") or info.get("mem"), "seconds": done.get("seconds"),
                           "loaded": done.get("loaded"), "passes": done.get("passes"), "comfy": done.get("comfy"),
                           "patch_pipelining": done.get("patch_pipelining")})
         step, total = self.progress if self.state == "running" and self.progress else (None, None)
         return {"devices": self.devices, "backend": self.backend, "state": self.state, "failure": self.failure,
-                "start_seconds": self.start_seconds,
                 "layout": last.get("layout"), "layout_reason": last.get("layout_reason"), "split": last.get("split"),
                 "model": last.get("family"), "progress": {"step": step, "total": total} if step is not None else None,
                 "ranks": ranks}

@@ -172,13 +172,14 @@ class Worker:
             self.placed[key] = (placed, time.perf_counter() - t0)
         self.placed[key] = self.placed.pop(key)  # most recently used last
         placed, load_s = self.placed[key]
-        if getattr(placed, "parked", False):
+        reread = getattr(placed, "parked", False)
+        if reread:
             try:
                 placed.unpark()  # read again from its file
             except BaseException:  # e.g. the file changed or is gone: the next prompt places it anew
                 self.placed.pop(key, None)
                 raise
-        return placed, loaded, load_s
+        return placed, loaded, load_s, reread
 
     def _held(self, job) -> dict:
         """{placement key: weight patches id} of the stages this worker holds once the job's
@@ -241,14 +242,14 @@ class Worker:
         if self.device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(self.device)  # 'peak' in the done message: this job's
         t_start = time.monotonic()
-        placed, loaded, load_s = self._place(job, ctx)
+        placed, loaded, load_s, reread = self._place(job, ctx)
         run = self.run_comfy if job["kind"] == "comfy_sample" else self.run_denoise
         # Where a job's time goes on this rank (monotonic clock, shared by the processes of
         # one machine): received, started, placed; the runner adds its first pass and end.
         phases = {"received": msg.get("_received"), "imported": t_imported, "started": t_start,
                   "placed": time.monotonic()}
         with torch.inference_mode():
-            run(msg, tensors, ctx, placed, {"loaded": loaded, "load_seconds": load_s, "phases": phases})
+            run(msg, tensors, ctx, placed, {"loaded": loaded, "reread": reread, "load_seconds": load_s, "phases": phases})
         self._after(job)
 
     def run_comfy(self, msg, tensors, ctx, stage, info):
@@ -289,7 +290,7 @@ class Worker:
                                      "graph_replays": stage.forward.graphs.replays,
                                      "graphs_failed": stage.forward.graphs.failed}
                 if job.get("patch_pipelining") else None, "comfy": comfy_runtime(),
-                "bytes_read": stage.bytes_read if info["loaded"] else 0,
+                "reread": info["reread"], "bytes_read": stage.bytes_read if info["loaded"] or info["reread"] else 0,
                 "load_peak_growth": stage.load_peak_growth if info["loaded"] else 0,
                 "load_phases": stage.load_phases if info["loaded"] else None, "patch_seconds": patch_s,
                 "mem": mem_info(self.device), "clock0_ms": runner.timeline._t0 * 1e3}
